@@ -1,0 +1,102 @@
+"""The ``megamix`` command line: ``megamix <command> --help`` explains each command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megamix.errors import MegamixError
+
+_TRAIN_EXAMPLES = """examples:
+  megamix train configs/tiny-dense.yaml
+  megamix train configs/tiny-dense.yaml train.steps=50 train.lr=1e-3 log.dir=runs/try
+  megamix train configs/tiny-dense.yaml model.pattern='*-*-*-' --dry-run
+
+Overrides are dotted section.key=value pairs; values are read as YAML. With
+train.resume=auto (the default) a run continues from <checkpoint.dir>/latest."""
+
+_INSPECT_EXAMPLES = """examples:
+  megamix inspect runs/tiny-dense/checkpoints            # the latest checkpoint
+  megamix inspect runs/tiny-dense/checkpoints/step_200 --tensors"""
+
+
+def _train(args: argparse.Namespace) -> int:
+    from megamix.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        import torch
+
+        from megamix.models import HybridModel
+
+        model = HybridModel(config.model, device=torch.device("meta"))
+        print(config.to_yaml(), end="")
+        p = config.parallel
+        print(f"# layout: world size 1 (tp={p.tp} pp={p.pp} cp={p.cp} dp=1); "
+              f"{config.model.num_layers} layers '{config.model.pattern}'; "
+              f"{model.num_parameters():,} parameters ({model.num_parameters(exclude_embeddings=True):,} "
+              f"without embeddings); {model.flops_per_token(config.data.seq_len):.3e} training FLOPs/token")
+        return 0
+    from megamix.train import train
+
+    losses = train(config)
+    if losses:
+        print(f"trained to step {config.train.steps}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; run in {config.log.dir}")
+    else:
+        print(f"nothing to do: the checkpoint is already at step {config.train.steps}")
+    return 0
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
+    from megamix.data import prepare
+
+    return prepare.run(args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from megamix.checkpoint.inspect import describe_checkpoint
+
+    print(describe_checkpoint(args.checkpoint, tensors=args.tensors))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megamix", description=__doc__.split(":")[0] + ".")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train in this process (or under torchrun)", epilog=_TRAIN_EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("config", help="YAML config, e.g. configs/tiny-dense.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=10")
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config and layout, do not train")
+    train.set_defaults(handler=_train)
+
+    from megamix.data import prepare
+
+    data = commands.add_parser("prepare-data", help="tokenize text files into packed token files",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    prepare.add_arguments(data)
+    data.set_defaults(handler=_prepare_data)
+
+    inspect = commands.add_parser("inspect", help="summarize a checkpoint", epilog=_INSPECT_EXAMPLES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    inspect.add_argument("checkpoint", help="a checkpoint directory (step_<N>) or a checkpoint root with 'latest'")
+    inspect.add_argument("--tensors", action="store_true", help="list every stored tensor with shape and norm")
+    inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except MegamixError as e:
+        print(f"megamix {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"megamix {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Typed run configuration: YAML file + dotted ``section.key=value`` overrides.
+
+Every section is a dataclass; the field annotations are the schema. Loading
+checks each key and value against it and raises :class:`ConfigError` naming the
+key and what is allowed, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from megamix.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. ``pattern`` has one character per residual layer (DESIGN.md §2)."""
+
+    pattern: str = "*-*-"
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: equal to num_heads (plain multi-head attention)
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    ffn_hidden_size: int | None = None  # None: 8/3·hidden rounded up to a multiple of 64 (Llama)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None and self.num_heads > 0:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = -(-(8 * self.hidden_size // 3) // 64) * 64
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.pattern.replace("|", ""))
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. World = pp × dp × cp × tp; dp is derived from the world size."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    cp: int = 1
+    ep: int = 1
+    sequence_parallel: bool = False
+    zero: int = 1
+
+
+@dataclass
+class DatasetSpec:
+    """One packed token file (``path`` is the prefix of ``.bin``/``.idx``, or ``builtin``)."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = 256
+    datasets: list[DatasetSpec] = field(default_factory=lambda: [DatasetSpec("builtin")])
+    tokenizer: str | None = None  # None: the ``.model`` beside the first dataset
+    cache_dir: str | None = None  # None: $MEGAMIX_CACHE or ~/.cache/megamix (the builtin corpus)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1234
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # WSD: the final fraction of steps that decays to min_lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["fp32", "bf16"] = "fp32"
+    recompute: bool = False
+    resume: str = "auto"  # auto | none | path of a step_<N> checkpoint directory
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # None: <log.dir>/checkpoints
+    interval: int = 0  # steps between saves; 0 saves only at the end
+    keep: int = 2  # newest complete checkpoints kept; 0 keeps all
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs/default"
+    interval: int = 1
+    tensorboard: bool = True
+    progress: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.log.dir) / "checkpoints"
+
+
+# ---------------------------------------------------------------------------
+# Building dataclasses from plain data, with errors that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        keys = ", ".join(f.name for f in dataclasses.fields(tp))
+        return f"a mapping with keys {keys}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            (item_tp,) = typing.get_args(tp)
+            return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, key)
+        if isinstance(value, str) and tp is DatasetSpec:
+            return DatasetSpec(path=value)
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"{key}: unknown key{hint}; allowed: {', '.join(names)}")
+        kwargs[name] = _convert(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field (e.g. DatasetSpec.path) is missing
+        raise ConfigError(f"{prefix or 'config'}: {e}; expected {_type_name(cls)}") from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'train.lr=1e-3'`` → ``('train.lr', 0.001)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or " " in key:
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw  # e.g. a pattern like *-*E is not valid YAML but is a valid string
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    config = _build(Config, tree, "")
+    validate(config)
+    return config
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint)."""
+    config = _build(Config, tree, "")
+    validate(config)
+    return config
+
+
+# ---------------------------------------------------------------------------
+# Cross-field validation.
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(c: Config) -> None:
+    from megamix.models.hybrid import LAYER_KINDS, describe_layer_kinds
+
+    m, p, t, d = c.model, c.parallel, c.train, c.data
+    _require(m.num_layers > 0, "model.pattern: needs at least one layer character, e.g. '*-*-'")
+    for i, ch in enumerate(m.pattern):
+        _require(ch in LAYER_KINDS or ch == "|",
+                 f"model.pattern: unknown layer kind {ch!r} at position {i}; known: {describe_layer_kinds()}")
+    for key in ("vocab_size", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size"):
+        _require(getattr(m, key) > 0, f"model.{key}: must be positive, got {getattr(m, key)}")
+    _require(m.num_heads % m.num_kv_heads == 0,
+             f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({m.num_kv_heads})")
+    _require(m.head_dim % 2 == 0, f"model.head_dim must be even for rotary embeddings, got {m.head_dim}")
+    _require(m.norm_eps > 0 and m.init_std > 0 and m.rope_theta > 0,
+             "model.norm_eps, model.init_std and model.rope_theta must be positive")
+
+    for key in ("tp", "pp", "vpp", "cp", "ep"):
+        _require(getattr(p, key) >= 1, f"parallel.{key}: must be >= 1, got {getattr(p, key)}")
+    _require(p.zero in (0, 1), f"parallel.zero: allowed 0 (replicated optimizer) or 1 (sharded), got {p.zero}")
+
+    _require(d.seq_len > 0, f"data.seq_len: must be positive, got {d.seq_len}")
+    _require(len(d.datasets) > 0, "data.datasets: needs at least one dataset, e.g. [{path: builtin}]")
+    for i, ds in enumerate(d.datasets):
+        _require(ds.weight > 0, f"data.datasets[{i}].weight: must be positive, got {ds.weight}")
+
+    _require(t.steps > 0, f"train.steps: must be positive, got {t.steps}")
+    _require(t.micro_batch_size > 0, f"train.micro_batch_size: must be positive, got {t.micro_batch_size}")
+    _require(t.global_batch_size % t.micro_batch_size == 0,
+             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+             f"train.micro_batch_size ({t.micro_batch_size})")
+    _require(t.lr > 0 and 0 <= t.min_lr <= t.lr, f"train.lr must be > 0 and train.min_lr in [0, lr]; "
+                                                 f"got lr={t.lr}, min_lr={t.min_lr}")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    _require(0 < t.decay_fraction <= 1, f"train.decay_fraction: must be in (0, 1], got {t.decay_fraction}")
+    _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+    _require(t.grad_clip >= 0, f"train.grad_clip: must be >= 0 (0 disables), got {t.grad_clip}")
+    _require(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+
+    _require(c.checkpoint.interval >= 0, f"checkpoint.interval: must be >= 0, got {c.checkpoint.interval}")
+    _require(c.checkpoint.keep >= 0, f"checkpoint.keep: must be >= 0, got {c.checkpoint.keep}")
+    _require(c.log.interval > 0, f"log.interval: must be positive, got {c.log.interval}")

@@ -1,0 +1,67 @@
+"""Softmax attention mixer (pattern ``*``): causal, grouped-query, rotary."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamix.nn.context import ForwardContext
+from megamix.nn.rotary import apply_rotary
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:  # CUDA-only source build, shipped in the optional `gpu` extra
+    flash_attn_func = None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √head_dim + causal mask) v, each query head reading kv head ``h // (heads / kv_heads)``.
+
+    q ``[batch, seq, heads, head_dim]``, k and v ``[batch, seq, kv_heads, head_dim]``
+    → ``[batch, seq, heads, head_dim]``. flash-attn when it can run (CUDA, fp16/bf16),
+    otherwise PyTorch SDPA; both take the kv heads as they are, without repeating them.
+    """
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_func(q, k, v, causal=True)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    )
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with rotary embeddings.
+
+    ``x [batch, seq, hidden] → [batch, seq, hidden]``:
+    [q | k | v] = W_qkv x; q, k ← rope(q), rope(k); o = attention(q, k, v); y = W_out o.
+    ``qkv_proj`` output is ordered [q heads | k heads | v heads], each head ``head_dim``
+    wide: the layout of a column-parallel linear with three logical output parts.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.qkv_proj = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias=False)
+        self.out_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        qkv = self.qkv_proj(x).view(batch, seq, -1, self.head_dim)
+        qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=2)
+        # q and k rotate by the same tables: one pass over both
+        q, k = apply_rotary(qk, ctx.rope_cos, ctx.rope_sin).split([self.num_heads, self.num_kv_heads], dim=2)
+        return self.out_proj(causal_attention(q, k, v).reshape(batch, seq, -1))
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs of one token in a sequence of ``seq_len``.
+
+        2 per multiply-add: the projections 2·hidden·(heads + 2·kv_heads + heads)·head_dim,
+        plus q kᵀ and p v, 2·2·heads·head_dim·seq_len. The attention products are
+        counted over the full seq_len keys, not the causal half: the convention of
+        Megatron-LM, torchtitan and torch's FlopCounterMode, so MFU compares with
+        theirs (a causal kernel does about half of this work).
+        """
+        projections = 2 * self.hidden_size * (2 * self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        return projections + 2 * 2 * self.num_heads * self.head_dim * seq_len

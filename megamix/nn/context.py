@@ -1,0 +1,16 @@
+"""What the mixers of one forward pass share."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    """Built once per forward by the model and passed to every ``mixer(x, ctx)``.
+
+    rope_cos, rope_sin: rotary tables ``[seq, head_dim / 2]`` (see :mod:`megamix.nn.rotary`).
+    """
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor

@@ -1,0 +1,43 @@
+"""Parameter initialisation that depends only on (seed, parameter name, full shape).
+
+Each parameter draws from its own CPU generator seeded by a stable hash of
+``f"{seed}/{name}"``, so its values do not change with construction order, the
+device, the other layers of the model or (later) how it is sharded.
+"""
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+
+from megamix.nn.norms import RMSNorm
+
+# Projections whose output is added to the residual stream: their std shrinks
+# with depth so the stream's variance stays O(1) (GPT-2, Megatron).
+RESIDUAL_OUTPUT_PROJECTIONS = ("out_proj", "down_proj")
+
+
+def parameter_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded by the first 8 bytes of sha256(f"{seed}/{name}")."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, seed: int, std: float, num_layers: int) -> None:
+    """Norm weights ← 1; residual output projections ← N(0, std/√(2·num_layers)); others ← N(0, std).
+
+    num_layers counts residual layers (pattern characters, so a Llama block ``*-`` is two).
+    """
+    residual_std = std / math.sqrt(2 * num_layers)
+    for name, param in model.named_parameters():
+        module_name = name.rpartition(".")[0]
+        if isinstance(model.get_submodule(module_name), RMSNorm):
+            param.fill_(1.0)
+            continue
+        is_residual_output = module_name.rpartition(".")[2] in RESIDUAL_OUTPUT_PROJECTIONS
+        values = torch.empty(param.shape).normal_(
+            0.0, residual_std if is_residual_output else std, generator=parameter_generator(seed, name)
+        )
+        param.copy_(values)

@@ -1,0 +1,15 @@
+"""Shared fixtures: the builtin corpus is prepared once per test session."""
+
+import pytest
+
+from megamix.data import ensure_builtin
+
+BUILTIN_VOCAB = 4096  # tests that train on the builtin corpus use this model.vocab_size
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+    """A cache directory holding the prepared builtin corpus (pass it as data.cache_dir)."""
+    cache = tmp_path_factory.mktemp("megamix-cache")
+    ensure_builtin(cache, BUILTIN_VOCAB)
+    return cache
