@@ -112,7 +112,7 @@ class LogConfig:
     dir: str = "runs/default"
     interval: int = 1
     tensorboard: bool = True
-    progress: Literal["auto", "on", "off"] = "auto"
+    progress: Literal["auto", "always", "never"] = "auto"
 
 
 @dataclass

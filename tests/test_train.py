@@ -17,13 +17,15 @@ from megamix.errors import CheckpointError, TrainingError
 from megamix.train import Trainer, train
 from megamix.train.optim import learning_rate
 
+BASE = "configs/tiny-dense.yaml"
 TINY = ["model.pattern=*-*-", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2",
+        "model.ffn_hidden_size=128",
         "model.vocab_size=4096", "data.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=8",
         "train.warmup_steps=2", "train.lr=3e-3", "log.interval=1", "log.tensorboard=false"]
 
 
 def tiny_config(tmp_path, cache, *overrides):
-    return load_config(None, [*TINY, f"data.cache_dir={cache}", f"log.dir={tmp_path / 'run'}", *overrides])
+    return load_config(BASE, [*TINY, f"data.cache_dir={cache}", f"log.dir={tmp_path / 'run'}", *overrides])
 
 
 def read_metrics(run_dir):
@@ -79,10 +81,10 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, builtin_cache):
     steps = 40
     common = [*TINY, f"data.cache_dir={builtin_cache}", f"train.steps={steps}", "checkpoint.interval=4",
               "checkpoint.keep=0"]
-    reference = train(load_config(None, [*common, f"log.dir={tmp_path / 'reference'}"]))
+    reference = train(load_config(BASE, [*common, f"log.dir={tmp_path / 'reference'}"]))
 
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "megamix", "train", "configs/tiny-dense.yaml", *common, f"log.dir={run_dir}"]
+    command = [sys.executable, "-m", "megamix", "train", BASE, *common, f"log.dir={run_dir}"]
     root = Path(__file__).resolve().parents[1]
     process = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     latest = run_dir / "checkpoints" / "latest"
@@ -96,7 +98,7 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, builtin_cache):
     killed_at = max(read_metrics(run_dir))
     assert killed_at < steps, "the run finished before it could be killed"
 
-    resumed = train(load_config(None, [*common, f"log.dir={run_dir}"]))
+    resumed = train(load_config(BASE, [*common, f"log.dir={run_dir}"]))
     resumed_from = steps - len(resumed)
     assert resumed_from >= 4 and resumed_from % 4 == 0
     records = read_metrics(run_dir)

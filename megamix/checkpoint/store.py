@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,14 @@ def _is_rank0() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save/load; that is our intended mode when no group exists."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _complete(path: Path) -> bool:
@@ -93,7 +103,8 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], config: 
         shutil.rmtree(partial, ignore_errors=True)  # left by a crash during an earlier save
         partial.mkdir(parents=True)
     _barrier()
-    dcp.save(state, checkpoint_id=partial, no_dist=not dist.is_initialized())
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=partial, no_dist=not dist.is_initialized())
     if _is_rank0():
         (partial / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         (partial / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
@@ -118,7 +129,8 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], config: 
 def load_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Fill ``state`` in place (tensors are copied into, plain values replaced)."""
     try:
-        dcp.load(state, checkpoint_id=Path(path), no_dist=not dist.is_initialized())
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=Path(path), no_dist=not dist.is_initialized())
     except Exception as e:  # DCP reports a missing key or a shape clash as a long planner traceback
         raise CheckpointError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0][:400]}") from e
 

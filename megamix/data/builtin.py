@@ -14,6 +14,7 @@ import logging
 import os
 import pkgutil
 import shutil
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -75,9 +76,12 @@ def ensure_builtin(cache_dir: str | Path, vocab_size: int = 4096) -> str:
 def prepare_builtin(directory: Path, vocab_size: int) -> None:
     """Write the corpus as ``directory/stdlib.{bin,idx,model,json}``."""
     text_file = directory / f"{NAME}.jsonl"
-    with open(text_file, "w") as f:
-        for document in builtin_documents():
-            f.write(json.dumps({"text": document}) + "\n")
+    # Collecting docstrings imports hundreds of stdlib modules: do it in a child
+    # process so the caller (a trainer) does not carry them around.
+    script = f"import sys; from {__name__} import write_documents; write_documents(sys.argv[1])"
+    package_root = str(Path(__file__).resolve().parents[2])  # importable even when megamix is not installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, "-c", script, str(text_file)], check=True, env=env)
     with quiet_datasets():
         info = prepare_data([str(text_file)], str(directory / NAME), vocab_size=vocab_size)
     text_file.unlink()
@@ -181,3 +185,10 @@ def quiet_datasets() -> Iterator[None]:
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
+
+
+def write_documents(path: str | Path) -> None:
+    """Write the corpus documents as JSON lines ``{"text": ...}``."""
+    with open(path, "w") as f:
+        for document in builtin_documents():
+            f.write(json.dumps({"text": document}) + "\n")

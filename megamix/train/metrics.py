@@ -24,7 +24,7 @@ def _tensorboard_writer(run_dir: Path):
 
 
 class MetricsLogger:
-    """Appends step records; ``progress`` is ``on``, ``off`` or ``auto`` (on when stderr is a terminal)."""
+    """Appends step records; ``progress`` is ``always``, ``never`` or ``auto`` (when stderr is a terminal)."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0,
                  tensorboard: bool = True, progress: str = "auto"):
@@ -32,7 +32,7 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.run_dir / "metrics.jsonl", "a")
         self._tensorboard = _tensorboard_writer(self.run_dir) if tensorboard else None
-        show = progress == "on" or (progress == "auto" and sys.stderr.isatty())
+        show = progress == "always" or (progress == "auto" and sys.stderr.isatty())
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) if show else None
 
     def log(self, record: dict[str, Any]) -> None:
