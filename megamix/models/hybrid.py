@@ -49,11 +49,15 @@ class ResidualLayer(nn.Module):
 
 
 class HybridModel(nn.Module):
-    """tokens ``[batch, seq]`` → embed → one residual layer per pattern character → norm → logits ``[batch, seq, vocab]``.
+    """tokens ``[batch, seq]`` → embed → one residual layer per pattern character → norm → LM head.
+
+    Returns logits ``[batch, seq, vocab]``; the LM head is the embedding matrix when
+    ``cfg.tie_embeddings``. ``|`` in the pattern marks a pipeline-stage boundary, not a layer.
 
     Parameters are initialised by :func:`~megamix.nn.init.init_parameters` with
     ``seed``, directly on ``device`` (the modules are built on the meta device
-    first, so no time goes to torch's default initialisation).
+    first, so no time goes to torch's default initialisation); on ``device="meta"``
+    they stay uninitialised.
     Set ``recompute = True`` to recompute each residual layer's activations in
     the backward pass instead of storing them (training mode only).
     """
@@ -73,7 +77,8 @@ class HybridModel(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
             self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.to_empty(device=device)
-        init_parameters(self, seed, cfg.init_std, cfg.num_layers)
+        if torch.device(device).type != "meta":  # a meta model only plans: counts parameters and FLOPs
+            init_parameters(self, seed, cfg.init_std, cfg.num_layers)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
@@ -88,8 +93,8 @@ class HybridModel(nn.Module):
 
     def forward_context(self, seq_len: int, device: torch.device) -> ForwardContext:
         """What every mixer of this forward shares: the rotary tables of positions 0 … seq_len − 1."""
-        positions = torch.arange(seq_len, device=device)
-        return ForwardContext(*rotary_tables(positions, self.head_dim, self.rope_theta))
+        cos, sin = rotary_tables(torch.arange(seq_len, device=device), self.head_dim, self.rope_theta)
+        return ForwardContext(rope_cos=cos, rope_sin=sin)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, optionally without the input embedding table (with tied embeddings, also the head)."""

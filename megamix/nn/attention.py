@@ -49,10 +49,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         batch, seq, _ = x.shape
         qkv = self.qkv_proj(x).view(batch, seq, -1, self.head_dim)
-        qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=2)
-        # q and k rotate by the same tables: one pass over both
-        q, k = apply_rotary(qk, ctx.rope_cos, ctx.rope_sin).split([self.num_heads, self.num_kv_heads], dim=2)
-        return self.out_proj(causal_attention(q, k, v).reshape(batch, seq, -1))
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        q, k = apply_rotary(q, ctx.rope_cos, ctx.rope_sin), apply_rotary(k, ctx.rope_cos, ctx.rope_sin)
+        # Attention kernels run measurably faster on separate contiguous q, k, v than on
+        # views into the fused qkv output (rotary has already copied q and k).
+        out = causal_attention(q, k, v.contiguous())
+        return self.out_proj(out.reshape(batch, seq, -1))
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs of one token in a sequence of ``seq_len``.

@@ -9,7 +9,7 @@ import torch
 class ForwardContext:
     """Built once per forward by the model and passed to every ``mixer(x, ctx)``.
 
-    rope_cos, rope_sin: rotary tables ``[seq, head_dim / 2]`` (see :mod:`megamix.nn.rotary`).
+    rope_cos, rope_sin: rotary tables ``[seq, head_dim]`` (see :func:`megamix.nn.rotary.rotary_tables`).
     """
 
     rope_cos: torch.Tensor

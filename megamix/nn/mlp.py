@@ -7,6 +7,30 @@ from torch import nn
 from megamix.nn.context import ForwardContext
 
 
+class SiluGateFunction(torch.autograd.Function):
+    """``[gate | up] [..., 2·ffn] → silu(gate) ⊙ up [..., ffn]``.
+
+    Backward writes d_gate and d_up straight into the two halves of one gradient
+    buffer, where autograd through ``chunk`` would concatenate them in a further pass.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        silu_gate = F.silu(gate)
+        ctx.save_for_backward(gate, up, silu_gate)
+        return silu_gate * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        gate, up, silu_gate = ctx.saved_tensors
+        grad_gate_up = grad.new_empty(*grad.shape[:-1], 2 * grad.shape[-1])
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad, silu_gate, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_gate_up
+
+
 class SwiGLU(nn.Module):
     """y = W_down (silu(W_gate x) ⊙ W_up x), ``x [batch, seq, hidden] → [batch, seq, hidden]``.
 
@@ -23,8 +47,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(SiluGateFunction.apply(self.gate_up_proj(x)))
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs of one token: 2 per multiply-add of the three weight matrices."""

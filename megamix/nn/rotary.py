@@ -9,22 +9,22 @@ import torch
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, each ``[seq, head_dim / 2]`` in fp32.
+    """``cos = [cos a | cos a]`` and ``sin = [−sin a | sin a]``, each ``[seq, head_dim]`` in fp32.
 
-    positions: ``[seq]`` integer positions. Built once per forward and shared by
-    every attention layer.
+    a ``[seq, head_dim / 2]`` are the rotation angles of ``positions [seq]``. The
+    sign of the first half is folded into ``sin`` so that :func:`apply_rotary`
+    needs no negation. Built once per forward and shared by every attention layer.
     """
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = torch.outer(positions.float(), inv_freq)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [batch, seq, heads, head_dim]`` by the tables of :func:`rotary_tables`.
 
-    [x₁ | x₂] → [x₁·cos − x₂·sin | x₂·cos + x₁·sin]
+    [x₁ | x₂] → [x₁·cos a − x₂·sin a | x₂·cos a + x₁·sin a] = x·cos + roll(x, head_dim/2)·sin
     """
-    cos = cos.to(x.dtype)[:, None]  # [seq, 1, head_dim / 2]: broadcast over heads
-    sin = sin.to(x.dtype)[:, None]
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # broadcast over heads
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
