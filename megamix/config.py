@@ -156,6 +156,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
+    if isinstance(value, _OverrideText):
+        value = value.value_for(tp)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -226,16 +228,33 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``'train.lr=1e-3'`` → ``('train.lr', 0.001)``; the value is read as YAML."""
+@dataclass(frozen=True)
+class _OverrideText:
+    """An override's value before the schema says what type it should be."""
+
+    text: str
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+    def value_for(self, tp: Any) -> Any:
+        """The text itself where a string is expected (a pattern like ``-`` or ``*-*E`` is no valid
+        YAML scalar), else the text read as YAML."""
+        if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
+                         and self.text not in ("null", "~")):
+            return self.text
+        try:
+            return yaml.safe_load(self.text) if self.text else ""
+        except yaml.YAMLError:
+            return self.text
+
+
+def parse_override(text: str) -> tuple[str, _OverrideText]:
+    """``'train.lr=1e-3'`` → ``('train.lr', <text '1e-3'>)``, typed later by the schema."""
     key, sep, raw = text.partition("=")
     if not sep or not key or " " in key:
         raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.steps=100")
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        value = raw  # e.g. a pattern like *-*E is not valid YAML but is a valid string
-    return key, value
+    return key, _OverrideText(raw)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -293,6 +312,15 @@ def validate(c: Config) -> None:
     for key in ("tp", "pp", "vpp", "cp", "ep"):
         _require(getattr(p, key) >= 1, f"parallel.{key}: must be >= 1, got {getattr(p, key)}")
     _require(p.zero in (0, 1), f"parallel.zero: allowed 0 (replicated optimizer) or 1 (sharded), got {p.zero}")
+    _require(m.num_heads % p.tp == 0, f"model.num_heads ({m.num_heads}) must be divisible by parallel.tp ({p.tp})")
+    _require(m.num_kv_heads % p.tp == 0 or p.tp % m.num_kv_heads == 0,
+             f"model.num_kv_heads ({m.num_kv_heads}) and parallel.tp ({p.tp}) must divide one another "
+             f"(kv heads are split over TP ranks, or replicated when there are fewer than ranks)")
+    _require(m.vocab_size % p.tp == 0,
+             f"model.vocab_size ({m.vocab_size}) must be divisible by parallel.tp ({p.tp}); "
+             f"use {-(-m.vocab_size // p.tp) * p.tp} (padding rows are never predicted)")
+    _require(m.ffn_hidden_size % p.tp == 0,
+             f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by parallel.tp ({p.tp})")
 
     _require(d.seq_len > 0, f"data.seq_len: must be positive, got {d.seq_len}")
     _require(len(d.datasets) > 0, "data.datasets: needs at least one dataset, e.g. [{path: builtin}]")

@@ -27,11 +27,14 @@ def test_round_trip_through_dict():
     assert config_from_dict(yaml.safe_load(config.to_yaml())) == config
 
 
-def test_override_values_are_yaml():
-    assert parse_override("train.lr=1e-3") == ("train.lr", "1e-3")  # converted to float by the schema
-    assert load_config(None, ["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
-    assert parse_override("model.pattern=*-*-") == ("model.pattern", "*-*-")
-    assert parse_override("train.recompute=true") == ("train.recompute", True)
+def test_override_values_are_typed_by_the_schema():
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)  # YAML 1.1 reads a string
+    assert load_config(None, ["model.pattern=-"]).model.pattern == "-"  # YAML would read a list
+    assert load_config(None, ["model.pattern=*-*-"]).model.pattern == "*-*-"
+    assert load_config(None, ["train.recompute=true"]).train.recompute is True
+    assert load_config(None, ["data.tokenizer=null"]).data.tokenizer is None
+    assert load_config(None, ["data.tokenizer=tok.model"]).data.tokenizer == "tok.model"
+    assert parse_override("train.steps=3")[0] == "train.steps"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -60,7 +63,7 @@ def test_override_values_are_yaml():
     (["train.decay_fraction=0"], "train.decay_fraction: must be in (0, 1]"),
     (["log.interval=0"], "log.interval: must be positive"),
     (["train"], "override 'train': expected section.key=value"),
-    (["train.steps.x=1"], "train.steps: expected an integer, got {'x': 1}"),
+    (["train.steps.x=1"], "train.steps: expected an integer, got {'x': '1'}"),
 ])
 def test_validation_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:

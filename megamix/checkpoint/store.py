@@ -25,6 +25,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata
 
 from megamix.errors import CheckpointError
+from megamix.parallel.checkpointing import PiecesLoadPlanner, PiecesSavePlanner
 
 LATEST = "latest"
 CONFIG_FILE = "config.yaml"
@@ -90,7 +91,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], config: dict[str, Any],
                     meta: dict[str, Any], keep: int = 0) -> Path:
-    """Write ``state`` (nested dicts of tensors and plain values) as ``<root>/step_<step>``.
+    """Write ``state`` (a flat dict of tensors, GlobalPieces and plain values) as ``<root>/step_<step>``.
 
     All ranks call this with their own shards of ``state``. ``config`` (the resolved
     run config) and ``meta`` are written by rank 0 beside the tensors. ``keep`` > 0
@@ -104,7 +105,7 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], config: 
         partial.mkdir(parents=True)
     _barrier()
     with _single_process_quiet():
-        dcp.save(state, checkpoint_id=partial, no_dist=not dist.is_initialized())
+        dcp.save(state, checkpoint_id=partial, planner=PiecesSavePlanner(), no_dist=not dist.is_initialized())
     if _is_rank0():
         (partial / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         (partial / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
@@ -127,10 +128,10 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], config: 
 
 
 def load_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Fill ``state`` in place (tensors are copied into, plain values replaced)."""
+    """Fill the flat ``state`` in place (tensors and pieces are copied into, plain values replaced)."""
     try:
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=Path(path), no_dist=not dist.is_initialized())
+            dcp.load(state, checkpoint_id=Path(path), planner=PiecesLoadPlanner(), no_dist=not dist.is_initialized())
     except Exception as e:  # DCP reports a missing key or a shape clash as a long planner traceback
         raise CheckpointError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0][:400]}") from e
 

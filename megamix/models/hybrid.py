@@ -1,30 +1,41 @@
 """One model for every layer pattern: embedding → residual layers → norm → LM head (DESIGN.md §2)."""
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megamix.config import ModelConfig
 from megamix.nn import Attention, ForwardContext, RMSNorm, SwiGLU, init_parameters, rotary_tables
+from megamix.parallel import (
+    NO_TENSOR_PARALLEL,
+    ColumnParallelLinear,
+    TensorParallel,
+    VocabParallelEmbedding,
+    column_parallel_linear,
+    mark_sequence_parallel,
+    sharding_of,
+)
+from megamix.parallel.sharding import materialize
 
 PIPELINE_STAGE_BOUNDARY = "|"
 
 
 @dataclass(frozen=True)
 class LayerKind:
-    """What a pattern character builds: a readable name and the mixer built from the model config."""
+    """What a pattern character builds: a readable name and the mixer built from the model config
+    and the tensor-parallel group."""
 
     name: str
-    build: Callable[[ModelConfig], nn.Module]
+    build: Callable[[ModelConfig, TensorParallel], nn.Module]
 
 
 LAYER_KINDS: dict[str, LayerKind] = {
-    "*": LayerKind("attention", lambda c: Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim)),
-    "-": LayerKind("mlp", lambda c: SwiGLU(c.hidden_size, c.ffn_hidden_size)),
+    "*": LayerKind("attention", lambda c, tp: Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, tp)),
+    "-": LayerKind("mlp", lambda c, tp: SwiGLU(c.hidden_size, c.ffn_hidden_size, tp)),
 }
 
 
@@ -60,28 +71,36 @@ class HybridModel(nn.Module):
     they stay uninitialised.
     Set ``recompute = True`` to recompute each residual layer's activations in
     the backward pass instead of storing them (training mode only).
+
+    With tensor parallelism ``tp`` the embedding, mixers and head are split over its
+    ranks (see :mod:`megamix.parallel`) and the logits are the rank's vocabulary
+    shard ``[batch, seq, vocab / tp]``, for :func:`~megamix.parallel.vocab_parallel_cross_entropy`.
     """
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
+                 tp: TensorParallel = NO_TENSOR_PARALLEL):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta
+        self.hidden_size, self.vocab_size = cfg.hidden_size, cfg.vocab_size
+        self.tp = tp
         self.recompute = False
         with torch.device("meta"):
-            self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
             self.layers = nn.ModuleList(
-                ResidualLayer(RMSNorm(cfg.hidden_size, cfg.norm_eps), LAYER_KINDS[char].build(cfg))
+                ResidualLayer(RMSNorm(cfg.hidden_size, cfg.norm_eps), LAYER_KINDS[char].build(cfg, tp))
                 for char in cfg.pattern
                 if char != PIPELINE_STAGE_BOUNDARY
             )
             self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-            self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.to_empty(device=device)
+            self.lm_head = None if cfg.tie_embeddings else ColumnParallelLinear(cfg.hidden_size, [cfg.vocab_size], tp)
+        mark_sequence_parallel(self, tp)
+        materialize(self, device)
         if torch.device(device).type != "meta":  # a meta model only plans: counts parameters and FLOPs
             init_parameters(self, seed, cfg.init_std, cfg.num_layers)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
+        x = self.embed(tokens)  # [batch, seq / tp, hidden] under SP
         ctx = self.forward_context(tokens.shape[1], tokens.device)
         for layer in self.layers:
             if self.recompute and self.training:
@@ -89,7 +108,9 @@ class HybridModel(nn.Module):
             else:
                 x = layer(x, ctx)
         x = self.norm(x)
-        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        return column_parallel_linear(x, self.embed.weight, self.tp)
 
     def forward_context(self, seq_len: int, device: torch.device) -> ForwardContext:
         """What every mixer of this forward shares: the rotary tables of positions 0 … seq_len − 1."""
@@ -97,9 +118,10 @@ class HybridModel(nn.Module):
         return ForwardContext(rope_cos=cos, rope_sin=sin)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count, optionally without the input embedding table (with tied embeddings, also the head)."""
-        total = sum(p.numel() for p in self.parameters())
-        return total - self.embed.weight.numel() if exclude_embeddings else total
+        """Parameter count of the whole model (all TP shards), optionally without the input embedding
+        table (with tied embeddings, also the head)."""
+        total = sum(math.prod(sharding_of(p).global_shape) for p in self.parameters())
+        return total - self.vocab_size * self.hidden_size if exclude_embeddings else total
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs of one token: 3 × forward (the backward does two matmuls per forward one).
@@ -108,5 +130,5 @@ class HybridModel(nn.Module):
         Only matmuls count (norms, activations, rotary, softmax do not); attention
         counts all seq_len keys (see :meth:`Attention.flops_per_token`).
         """
-        head = 2 * self.embed.embedding_dim * self.embed.num_embeddings
+        head = 2 * self.hidden_size * self.vocab_size
         return 3 * (sum(layer.flops_per_token(seq_len) for layer in self.layers) + head)

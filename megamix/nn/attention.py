@@ -6,6 +6,7 @@ from torch import nn
 
 from megamix.nn.context import ForwardContext
 from megamix.nn.rotary import apply_rotary
+from megamix.parallel import NO_TENSOR_PARALLEL, ColumnParallelLinear, RowParallelLinear, TensorParallel
 
 try:
     from flash_attn import flash_attn_func
@@ -34,22 +35,28 @@ class Attention(nn.Module):
     ``x [batch, seq, hidden] → [batch, seq, hidden]``:
     [q | k | v] = W_qkv x; q, k ← rope(q), rope(k); o = attention(q, k, v); y = W_out o.
     ``qkv_proj`` output is ordered [q heads | k heads | v heads], each head ``head_dim``
-    wide: the layout of a column-parallel linear with three logical output parts.
+    wide. Under tensor parallelism each rank holds ``num_heads / tp`` query heads and
+    the kv heads they read (``num_kv_heads / tp``, or one replicated kv head when
+    there are fewer kv heads than ranks); ``x`` may be sequence-sharded (SP).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 tp: TensorParallel = NO_TENSOR_PARALLEL):
         super().__init__()
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.qkv_proj = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias=False)
-        self.out_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        kv_shards = min(num_kv_heads, tp.size)
+        self.qkv_proj = ColumnParallelLinear(hidden_size, [d * head_dim for d in (num_heads, num_kv_heads, num_kv_heads)],
+                                             tp, shards=[tp.size, kv_shards, kv_shards])
+        self.local_heads = [width // head_dim for width in self.qkv_proj.local_parts]
+        self.out_proj = RowParallelLinear(num_heads * head_dim, hidden_size, tp)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        qkv = self.qkv_proj(x).view(batch, seq, -1, self.head_dim)
-        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        qkv = self.qkv_proj(x)
+        batch, seq, _ = qkv.shape  # the full sequence, gathered under SP
+        q, k, v = qkv.view(batch, seq, -1, self.head_dim).split(self.local_heads, dim=2)
         q, k = apply_rotary(q, ctx.rope_cos, ctx.rope_sin), apply_rotary(k, ctx.rope_cos, ctx.rope_sin)
         # Attention kernels run measurably faster on separate contiguous q, k, v than on
         # views into the fused qkv output (rotary has already copied q and k).

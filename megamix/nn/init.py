@@ -2,7 +2,7 @@
 
 Each parameter draws from its own CPU generator seeded by a stable hash of
 ``f"{seed}/{name}"``, so its values do not change with construction order, the
-device, the other layers of the model or (later) how it is sharded.
+device, the other layers of the model or how tensor parallelism shards it.
 """
 
 import hashlib
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from megamix.nn.norms import RMSNorm
+from megamix.parallel import sharding_of
 
 # Projections whose output is added to the residual stream: their std shrinks
 # with depth so the stream's variance stays O(1) (GPT-2, Megatron).
@@ -37,7 +38,8 @@ def init_parameters(model: nn.Module, seed: int, std: float, num_layers: int) ->
             param.fill_(1.0)
             continue
         is_residual_output = module_name.rpartition(".")[2] in RESIDUAL_OUTPUT_PROJECTIONS
-        values = torch.empty(param.shape).normal_(
+        sharding = sharding_of(param)
+        full = torch.empty(sharding.global_shape).normal_(
             0.0, residual_std if is_residual_output else std, generator=parameter_generator(seed, name)
         )
-        param.copy_(values)
+        param.copy_(sharding.take(full))  # the full tensor is drawn on every rank: layout-independent

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamix.nn.context import ForwardContext
+from megamix.parallel import NO_TENSOR_PARALLEL, ColumnParallelLinear, RowParallelLinear, TensorParallel
 
 
 class SiluGateFunction(torch.autograd.Function):
@@ -35,16 +36,17 @@ class SwiGLU(nn.Module):
     """y = W_down (silu(W_gate x) ⊙ W_up x), ``x [batch, seq, hidden] → [batch, seq, hidden]``.
 
     ``gate_up_proj`` holds W_gate and W_up stacked as ``[gate | up]`` along its
-    output dim: one matmul instead of two, and the shape a column-parallel
-    linear with two logical output parts needs.
+    output dim: one matmul instead of two. Under tensor parallelism each rank holds
+    ``ffn_hidden_size / tp`` of both (a column-parallel linear with two parts) and
+    the matching columns of ``down_proj`` (row-parallel).
     """
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, tp: TensorParallel = NO_TENSOR_PARALLEL):
         super().__init__()
         self.hidden_size = hidden_size
         self.ffn_hidden_size = ffn_hidden_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * ffn_hidden_size, bias=False)
-        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, [ffn_hidden_size, ffn_hidden_size], tp)
+        self.down_proj = RowParallelLinear(ffn_hidden_size, hidden_size, tp)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.down_proj(SiluGateFunction.apply(self.gate_up_proj(x)))

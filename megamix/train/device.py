@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 
 import torch
@@ -18,13 +19,15 @@ _PEAK_TFLOPS = {
 
 
 def pick_device(choice: str) -> torch.device:
-    """``auto`` is CUDA when a GPU is visible, else CPU."""
+    """``auto`` is CUDA when a GPU is visible, else CPU; on CUDA this process's GPU is LOCAL_RANK."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")
 
 

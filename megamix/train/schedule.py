@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay, and the learning-rate schedules.
+"""Learning-rate schedules (the optimizer itself is megamix.parallel.DistributedOptimizer).
 
 The schedule is a pure function of the step, so the only scheduler state a
 checkpoint needs is the step itself.
@@ -11,16 +11,6 @@ import math
 import torch
 
 from megamix.config import TrainConfig
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (norm gains and biases are not decayed)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

@@ -1,43 +1,43 @@
 """The training loop: data → model → loss → optimizer → metrics and checkpoints.
 
-One optimizer step consumes ``global_batch_size`` samples of ``seq_len + 1`` tokens
-in ``global_batch_size / micro_batch_size`` micro-batches (gradient accumulation).
-Sample ``i`` of the run is a pure function of (seed, i), and the checkpoint holds
-the sample counter, optimizer state and RNG, so a resumed run continues bit for bit.
+One optimizer step consumes ``global_batch_size`` samples of ``seq_len + 1`` tokens:
+data-parallel rank r takes the r-th of dp equal slices and runs it in micro-batches
+of ``micro_batch_size`` (gradient accumulation). Sample ``i`` of the run is a pure
+function of (seed, i), so the data a step sees never depends on the layout, and the
+checkpoint holds the sample counter, optimizer state and RNG: a resumed run
+continues bit for bit, and at another layout within fp32 round-off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from megamix import __version__, checkpoint
 from megamix.config import Config, config_from_dict
 from megamix.data import BlendedSamples, IndexedDataset, SampleStream, Tokenizer, default_cache_dir, ensure_builtin
 from megamix.errors import CheckpointError, ConfigError, TrainingError
 from megamix.models import HybridModel
+from megamix.parallel import DistributedOptimizer, ParallelState, init_distributed, sharding_of
+from megamix.parallel import vocab_parallel_cross_entropy
+from megamix.parallel.checkpointing import GlobalPieces
+from megamix.parallel.comm import all_reduce
 from megamix.train.device import peak_flops, peak_memory_mb, pick_device
 from megamix.train.metrics import MetricsLogger
-from megamix.train.optim import build_optimizer, learning_rate, set_learning_rate
+from megamix.train.schedule import learning_rate, set_learning_rate
 
 
-def check_layout(config: Config, world_size: int) -> None:
-    """Refuse a layout that this process group cannot hold, before anything is built."""
+def build_parallel_state(config: Config) -> ParallelState:
+    """Join the process group (under torchrun) and build the layout's groups; refuse what is not built yet."""
     p = config.parallel
-    model_parallel = p.tp * p.pp * p.cp
-    if world_size % model_parallel:
-        raise ConfigError(f"parallel.tp × parallel.pp × parallel.cp = {p.tp}×{p.pp}×{p.cp} = {model_parallel} "
-                          f"does not divide the world size {world_size}; start a multiple of {model_parallel} "
-                          f"processes (e.g. torchrun --nproc-per-node {model_parallel})")
-    if world_size > 1:
-        raise ConfigError(f"world size {world_size}: megamix train runs in one process until the parallel "
-                          f"layer library lands; run it without torchrun")
+    for key, issue in (("pp", "pipeline parallelism"), ("cp", "context parallelism"), ("ep", "expert parallelism")):
+        if getattr(p, key) > 1:
+            raise ConfigError(f"parallel.{key}={getattr(p, key)}: {issue} is not available yet; use parallel.{key}=1")
+    return ParallelState.create(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, sequence_parallel=p.sequence_parallel)
 
 
 def open_training_data(config: Config) -> SampleStream:
@@ -57,45 +57,49 @@ def open_training_data(config: Config) -> SampleStream:
 
 
 class Trainer:
-    """Single-process trainer; ``run()`` trains to ``train.steps`` and returns the losses of the steps it ran."""
+    """Trains ``config`` in this process group; ``run()`` trains to ``train.steps`` and returns the losses it ran."""
 
     def __init__(self, config: Config):
-        check_layout(config, int(os.environ.get("WORLD_SIZE", "1")))
         self.config = config
         t = config.train
         self.device = pick_device(t.device)
+        init_distributed(self.device)
+        self.parallel = build_parallel_state(config)
+        self.tp = self.parallel.tensor_parallel
+        dp = self.parallel.dp
+        if t.global_batch_size % (t.micro_batch_size * dp.size):
+            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                              f"train.micro_batch_size × dp = {t.micro_batch_size}×{dp.size}")
+        self.rank_batch = t.global_batch_size // dp.size
+        self.micro_batches = self.rank_batch // t.micro_batch_size
+        self.tokens_per_step = t.global_batch_size * config.data.seq_len
         torch.manual_seed(t.seed)
         self.stream = open_training_data(config)
-        self.model = HybridModel(config.model, seed=t.seed, device=self.device)
+        self.model = HybridModel(config.model, seed=t.seed, device=self.device, tp=self.tp)
         self.model.recompute = t.recompute
-        self.optimizer = build_optimizer(self.model, t)
-        self.micro_batches = t.global_batch_size // t.micro_batch_size
-        self.tokens_per_step = t.global_batch_size * config.data.seq_len
+        self.optimizer = DistributedOptimizer(self.model.named_parameters(), self.parallel, lr=t.lr,
+                                              betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
+                                              shard=config.parallel.zero == 1)
         self.step = 0
         self._resume()
 
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.parallel.rank == 0
+
     # -- checkpoint state ------------------------------------------------------
 
-    def _state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        rng = {"cpu": torch.get_rng_state()}
+    def _checkpoint_entries(self) -> dict:
+        """Flat DCP entries: parameters and Adam moments as pieces of global tensors, plus run state."""
+        entries = {f"model.{name}": GlobalPieces(sharding_of(p, self.tp.size), p.data)
+                   for name, p in self.model.named_parameters()}
+        entries |= self.optimizer.checkpoint_state()
+        entries["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"model": model_state, "optim": optim_state, "rng": rng,
-                "train": {"step": self.step, **self.stream.state_dict()}}
-
-    def _load_state(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        train_state = dict(state["train"])
-        self.step = train_state.pop("step")
-        self.stream.load_state_dict(train_state)
+            entries["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        entries["train.step"] = self.step
+        entries |= {f"data.{key}": value for key, value in self.stream.state_dict().items()}
+        return entries
 
     def _resume(self) -> None:
         mode = self.config.train.resume
@@ -113,17 +117,24 @@ class Trainer:
                     for k, v in vars(saved.model).items() if getattr(self.config.model, k) != v]
             raise CheckpointError(f"checkpoint {path} holds a different model: {'; '.join(diff)}; "
                                   f"use train.resume=none or another checkpoint.dir")
-        state = self._state()
-        checkpoint.load_checkpoint(path, state)
-        self._load_state(state)
-        print(f"resumed from {path} at step {self.step}")
+        entries = self._checkpoint_entries()
+        checkpoint.load_checkpoint(path, entries)
+        self.optimizer.after_checkpoint_load()
+        torch.set_rng_state(entries["rng.cpu"])
+        if "rng.cuda" in entries:
+            torch.cuda.set_rng_state(entries["rng.cuda"], self.device)
+        self.step = entries["train.step"]
+        self.stream.load_state_dict({key[len("data."):]: value for key, value in entries.items()
+                                     if key.startswith("data.")})
+        if self.is_logging_rank:
+            print(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path:
         c = self.config
-        meta = {"world_size": 1, "layout": vars(c.parallel).copy(), "tokens": self.step * self.tokens_per_step,
-                "megamix_version": __version__}
-        return checkpoint.save_checkpoint(c.checkpoint_dir, self.step, self._state(), c.to_dict(), meta,
-                                          keep=c.checkpoint.keep)
+        meta = {"world_size": self.parallel.world_size, "layout": vars(c.parallel).copy(),
+                "tokens": self.step * self.tokens_per_step, "megamix_version": __version__}
+        return checkpoint.save_checkpoint(c.checkpoint_dir, self.step, self._checkpoint_entries(), c.to_dict(),
+                                          meta, keep=c.checkpoint.keep)
 
     # -- training --------------------------------------------------------------
 
@@ -132,38 +143,47 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over all micro-batches; returns (mean loss, grad norm before clipping)."""
+    def compute_gradients(self) -> float:
+        """Forward and backward over this rank's micro-batches; gradients reduced; returns the global mean loss."""
         t = self.config.train
-        set_learning_rate(self.optimizer, learning_rate(self.step, t))
+        batch = self.stream.next_batch(t.global_batch_size)
+        mine = batch.narrow(0, self.parallel.dp.rank * self.rank_batch, self.rank_batch).to(self.device)
         total_loss = torch.zeros((), device=self.device)
-        for _ in range(self.micro_batches):
-            batch = self.stream.next_batch(t.micro_batch_size).to(self.device, non_blocking=True)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
+        for micro in mine.split(t.micro_batch_size):
             with self._autocast():
-                logits = self.model(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                logits = self.model(micro[:, :-1])
+            loss = vocab_parallel_cross_entropy(logits, micro[:, 1:], self.tp).mean()
             (loss / self.micro_batches).backward()
             total_loss += loss.detach()
-        loss = total_loss.item() / self.micro_batches
-        if not math.isfinite(loss):
+        total_loss /= self.micro_batches
+        all_reduce(total_loss, self.parallel.grad).div_(self.parallel.grad.size)
+        self.optimizer.reduce_gradients()
+        return total_loss.item()
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step; returns (mean loss, gradient norm before clipping)."""
+        t = self.config.train
+        set_learning_rate(self.optimizer, learning_rate(self.step, t))
+        loss = self.compute_gradients()
+        grad_norm = self.optimizer.clip_grad_norm(t.grad_clip)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             latest = checkpoint.latest_checkpoint(self.config.checkpoint_dir)
-            raise TrainingError(f"loss is {loss} at step {self.step + 1}; stopped without saving; "
-                                f"last good checkpoint: {latest or 'none'}. Try a lower train.lr or "
-                                f"train.precision=fp32")
-        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+            raise TrainingError(f"loss is {loss} (gradient norm {grad_norm}) at step {self.step + 1}; stopped "
+                                f"without saving; last good checkpoint: {latest or 'none'}. Try a lower train.lr "
+                                f"or train.precision=fp32")
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         self.step += 1
         return loss, grad_norm
 
     def run(self) -> list[float]:
         c = self.config
-        run_dir = Path(c.log.dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(c.to_yaml())
-        logger = MetricsLogger(run_dir, c.train.steps, self.step, c.log.tensorboard, c.log.progress)
+        logger = None
+        if self.is_logging_rank:
+            run_dir = Path(c.log.dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(c.to_yaml())
+            logger = MetricsLogger(run_dir, c.train.steps, self.step, c.log.tensorboard, c.log.progress)
         peak = peak_flops(self.device, c.train.precision)
         flops_per_token = self.model.flops_per_token(c.data.seq_len)
         losses = []
@@ -173,24 +193,29 @@ class Trainer:
                 loss, grad_norm = self.train_step()
                 elapsed = time.perf_counter() - start
                 losses.append(loss)
-                logger.advance()
-                if self.step % c.log.interval == 0 or self.step == c.train.steps:
-                    tokens_per_s = self.tokens_per_step / elapsed
-                    record = {"step": self.step, "loss": loss, "lr": learning_rate(self.step - 1, c.train),
-                              "grad_norm": grad_norm, "tokens": self.step * self.tokens_per_step,
-                              "tokens_per_s": tokens_per_s, "step_time_s": elapsed,
-                              "mem_peak_mb": peak_memory_mb(self.device)}
-                    if peak is not None:
-                        record["mfu"] = flops_per_token * tokens_per_s / peak
-                    logger.log(record)
+                if logger is not None:
+                    logger.advance()
+                    if self.step % c.log.interval == 0 or self.step == c.train.steps:
+                        logger.log(self._record(loss, grad_norm, elapsed, flops_per_token, peak))
                 interval = c.checkpoint.interval
                 if (interval and self.step % interval == 0) or self.step == c.train.steps:
                     self.save()
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
         return losses
+
+    def _record(self, loss: float, grad_norm: float, elapsed: float, flops_per_token: int,
+                peak: float | None) -> dict:
+        tokens_per_s = self.tokens_per_step / elapsed
+        record = {"step": self.step, "loss": loss, "lr": learning_rate(self.step - 1, self.config.train),
+                  "grad_norm": grad_norm, "tokens": self.step * self.tokens_per_step,
+                  "tokens_per_s": tokens_per_s, "step_time_s": elapsed, "mem_peak_mb": peak_memory_mb(self.device)}
+        if peak is not None:
+            record["mfu"] = flops_per_token * tokens_per_s / (peak * self.parallel.world_size)
+        return record
 
 
 def train(config: Config) -> list[float]:
-    """Train ``config`` to completion in this process; returns the losses of the steps run."""
+    """Train ``config`` to completion in this process group; returns the losses of the steps run."""
     return Trainer(config).run()

@@ -1,0 +1,190 @@
+"""Every collective megamix issues, as plain calls and as autograd functions (Megatron's f/g operators).
+
+Tensor parallel (TP) without sequence parallel (SP), around a column → row pair:
+
+    copy_to_tp        forward identity            backward all-reduce      (Megatron "f")
+    reduce_from_tp    forward all-reduce          backward identity        (Megatron "g")
+
+With SP the activations between the pairs are sharded along the sequence (dim 1):
+
+    gather_sequence          forward all-gather       backward reduce-scatter
+    reduce_scatter_sequence  forward reduce-scatter   backward all-gather
+    scatter_sequence         forward keep own chunk   backward all-gather
+
+All calls go through :func:`_issue`, which a :class:`CommRecorder` can tally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megamix.parallel.state import Group
+
+# ---------------------------------------------------------------------------
+# Recording
+
+
+@dataclass
+class CommRecorder:
+    """Tallies collectives: ``calls[(kind, group_size)]`` and ``bytes_sent`` per rank.
+
+    Bytes sent are those of the bandwidth-optimal ring algorithm for a payload of
+    N bytes over p ranks: all-reduce 2(p−1)/p·N, all-gather and reduce-scatter
+    (p−1)/p·N of the full (gathered) tensor.
+    """
+
+    calls: Counter = field(default_factory=Counter)
+    payload_bytes: Counter = field(default_factory=Counter)
+    bytes_sent: float = 0.0
+
+    def record(self, kind: str, group_size: int, full_bytes: int) -> None:
+        self.calls[(kind, group_size)] += 1
+        self.payload_bytes[kind] += full_bytes
+        factor = 2 * (group_size - 1) / group_size if kind == "all_reduce" else (group_size - 1) / group_size
+        self.bytes_sent += factor * full_bytes
+
+    def kinds(self) -> Counter:
+        """Number of calls per kind, group sizes merged."""
+        counts: Counter = Counter()
+        for (kind, _), n in self.calls.items():
+            counts[kind] += n
+        return counts
+
+
+_recorders: list[CommRecorder] = []
+
+
+@contextlib.contextmanager
+def record_communication():
+    """``with record_communication() as rec:`` tallies every megamix collective issued inside."""
+    recorder = CommRecorder()
+    _recorders.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _recorders.remove(recorder)
+
+
+def _issue(kind: str, group: Group, full: torch.Tensor) -> None:
+    for recorder in _recorders:
+        recorder.record(kind, group.size, full.numel() * full.element_size())
+
+
+# ---------------------------------------------------------------------------
+# Plain collectives (identity on a group of one)
+
+
+def all_reduce(x: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce; returns ``x``."""
+    if group.size > 1:
+        _issue("all_reduce", group, x)
+        dist.all_reduce(x, op=op, group=group.group)
+    return x
+
+
+def all_gather(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
+    """Concatenate every rank's ``x`` (equal shapes) along ``dim``."""
+    if group.size == 1:
+        return x
+    moved = x.movedim(dim, 0).contiguous()
+    out = moved.new_empty((group.size * moved.shape[0], *moved.shape[1:]))
+    _issue("all_gather", group, out)
+    dist.all_gather_single(out, moved, group=group.group)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
+    """Sum ``x`` over ranks and keep this rank's chunk along ``dim`` (which the group size must divide)."""
+    if group.size == 1:
+        return x
+    moved = x.movedim(dim, 0).contiguous()
+    out = moved.new_empty((moved.shape[0] // group.size, *moved.shape[1:]))
+    _issue("reduce_scatter", group, moved)
+    dist.reduce_scatter_single(out, moved, group=group.group)
+    return out.movedim(0, dim)
+
+
+def local_chunk(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
+    """This rank's equal chunk of ``x`` along ``dim`` (no communication)."""
+    if group.size == 1:
+        return x
+    if x.shape[dim] % group.size:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {group.size} ranks")
+    return x.chunk(group.size, dim)[group.rank].contiguous()
+
+
+# ---------------------------------------------------------------------------
+# Autograd functions
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad.contiguous(), ctx.group), None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.contiguous(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather(x, group, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter(grad, ctx.group, dim=1), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter(x, group, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad, ctx.group, dim=1), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return local_chunk(x, group, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad, ctx.group, dim=1), None
+
+
+def _identity_if_single(function):
+    def apply(x: torch.Tensor, group: Group) -> torch.Tensor:
+        return x if group.size == 1 else function.apply(x, group)
+
+    return apply
+
+
+copy_to_tp = _identity_if_single(_CopyToGroup)
+reduce_from_tp = _identity_if_single(_ReduceFromGroup)
+gather_sequence = _identity_if_single(_GatherSequence)
+reduce_scatter_sequence = _identity_if_single(_ReduceScatterSequence)
+scatter_sequence = _identity_if_single(_ScatterSequence)
