@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megamix.errors import MegamixError
@@ -40,6 +41,8 @@ def _train(args: argparse.Namespace) -> int:
     from megamix.train import train
 
     losses = train(config)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        return 0
     if losses:
         print(f"trained to step {config.train.steps}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; run in {config.log.dir}")
     else:

@@ -4,6 +4,12 @@ Each parallel case runs on a pool of worker ranks (megamix.testing) and is
 compared with the same computation in this single process (no process group).
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -115,3 +121,99 @@ def test_training_equals_one_process(tmp_path, builtin_cache, world, overrides):
     for losses, norms in run_distributed(train_run, world, builtin_cache, tmp_path / "parallel", overrides):
         assert losses == pytest.approx(reference_losses, rel=RTOL)
         assert norms == pytest.approx(reference_norms, rel=RTOL)
+
+
+def data_parallel_gradients(cache, log_dir, overrides):
+    """Global gradients of the first step, after the optimizer's reduction (replicated optimizer)."""
+    config = load_config("configs/tiny-dense.yaml", [*TRAIN, f"data.cache_dir={cache}", f"log.dir={log_dir}",
+                                                     "parallel.zero=0", *overrides])
+    trainer = Trainer(config)
+    trainer.compute_gradients()
+    return {name: full_tensor(p.grad, sharding_of(p, trainer.tp.size), trainer.parallel.tp)
+            for name, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("world, overrides", [(2, []), (4, ["parallel.tp=2", "parallel.sequence_parallel=true"])],
+                         ids=["dp2", "tp2-sp-xdp2"])
+def test_data_parallel_gradients_equal_one_process(tmp_path, builtin_cache, world, overrides):
+    reference = data_parallel_gradients(builtin_cache, tmp_path / "single", [])
+    for grads in run_distributed(data_parallel_gradients, world, builtin_cache, tmp_path / "parallel", overrides):
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference[name], rtol=RTOL, atol=1e-8, msg=name)
+
+
+def optimizer_state_bytes(cache, log_dir, zero):
+    config = load_config("configs/tiny-dense.yaml", [*TRAIN, f"data.cache_dir={cache}", f"log.dir={log_dir}",
+                                                     f"parallel.zero={zero}", "train.steps=1"])
+    trainer = Trainer(config)
+    trainer.train_step()
+    return sum(t.numel() * t.element_size() for state in trainer.optimizer.adamw.state.values()
+               for t in state.values() if t.ndim > 0)
+
+
+def test_sharded_optimizer_keeps_one_dp_share_of_the_state(tmp_path, builtin_cache):
+    replicated = run_distributed(optimizer_state_bytes, 2, builtin_cache, tmp_path / "zero0", 0)
+    sharded = run_distributed(optimizer_state_bytes, 2, builtin_cache, tmp_path / "zero1", 1)
+    assert replicated[0] == replicated[1]
+    for share in sharded:  # rows are split evenly, so each rank holds half, up to one row per tensor
+        assert share / replicated[0] == pytest.approx(0.5, abs=0.01)
+    assert sum(sharded) == replicated[0]
+
+
+def resumed_losses(cache, log_dir, overrides):
+    config = load_config("configs/tiny-dense.yaml", [*TRAIN, f"data.cache_dir={cache}", f"log.dir={log_dir}",
+                                                     "train.steps=6", "checkpoint.interval=3", "checkpoint.keep=0",
+                                                     *overrides])
+    return Trainer(config).run()
+
+
+def test_checkpoint_resumes_at_another_layout(tmp_path, builtin_cache):
+    reference = resumed_losses(builtin_cache, tmp_path / "single", [])
+    run_distributed(resumed_losses, 2, builtin_cache, tmp_path / "tp2", ["parallel.tp=2"])
+    step_3 = tmp_path / "tp2" / "checkpoints" / "step_3"
+    for layout, world in ((["parallel.tp=1"], 2), (["parallel.tp=2", "parallel.sequence_parallel=true"], 2)):
+        for losses in run_distributed(resumed_losses, world, builtin_cache, tmp_path / f"from-tp2-{world}",
+                                      [*layout, f"train.resume={step_3}"]):
+            assert losses == pytest.approx(reference[3:], rel=RTOL)
+    # and in one process, from the sharded optimizer state of dp=2
+    run_distributed(resumed_losses, 2, builtin_cache, tmp_path / "dp2", [])
+    losses = resumed_losses(builtin_cache, tmp_path / "from-dp2", [f"train.resume={tmp_path / 'dp2/checkpoints/step_3'}"])
+    assert losses == pytest.approx(reference[3:], rel=RTOL)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.tp=3", "model.num_heads=4"], "model.num_heads (4) must be divisible by parallel.tp (3)"),
+    (["parallel.tp=4", "model.num_kv_heads=6", "model.num_heads=12", "model.hidden_size=96"],
+     "model.num_kv_heads (6) and parallel.tp (4) must divide one another"),
+    (["parallel.tp=2", "model.vocab_size=4095"], "model.vocab_size (4095) must be divisible by parallel.tp (2); use 4096"),
+    (["parallel.tp=2", "model.ffn_hidden_size=99"], "model.ffn_hidden_size (99) must be divisible by parallel.tp (2)"),
+])
+def test_layouts_the_model_cannot_take_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*MODEL, *overrides])
+    assert message in str(e.value)
+
+
+def test_layout_must_divide_the_world_size():
+    with pytest.raises(ConfigError, match=r"2×1×1 = 2 does not divide the world size 3"):
+        check_layout(3, tp=2)
+    with pytest.raises(ConfigError, match=r"parallel.ep=4 must divide dp × cp = 2×1 = 2"):
+        check_layout(4, tp=2, ep=4)
+    assert check_layout(8, tp=2, pp=2) == 2
+
+
+def test_torchrun_trains_like_one_process(tmp_path, builtin_cache):
+    """The documented command: ``torchrun --nproc-per-node N -m megamix train CONFIG parallel.tp=2``."""
+    overrides = [*TRAIN, f"data.cache_dir={builtin_cache}", "log.interval=1"]
+    reference = Trainer(load_config("configs/tiny-dense.yaml", [*overrides, f"log.dir={tmp_path / 'single'}"])).run()
+    run_dir = tmp_path / "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "megamix", "train", "configs/tiny-dense.yaml", *overrides, "parallel.tp=2",
+               "parallel.sequence_parallel=true", f"log.dir={run_dir}"]
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(reference, rel=RTOL)
+    assert json.loads((run_dir / "checkpoints" / "step_5" / "meta.json").read_text())["world_size"] == 2
