@@ -29,11 +29,16 @@ def _train(args: argparse.Namespace) -> int:
         import torch
 
         from megamix.models import HybridModel
+        from megamix.parallel import check_layout
 
+        p = config.parallel
+        # under torchrun the real world size; alone, the smallest world the layout needs
+        world = int(os.environ.get("WORLD_SIZE", p.tp * p.pp * p.cp))
+        dp = check_layout(world, p.tp, p.pp, p.cp, p.ep)
         model = HybridModel(config.model, device=torch.device("meta"))
         print(config.to_yaml(), end="")
-        p = config.parallel
-        print(f"# layout: world size 1 (tp={p.tp} pp={p.pp} cp={p.cp} dp=1); "
+        print(f"# layout: world size {world} = pp {p.pp} × dp {dp} × cp {p.cp} × tp {p.tp}"
+              f"{' (sequence parallel)' if p.sequence_parallel and p.tp > 1 else ''}; "
               f"{config.model.num_layers} layers '{config.model.pattern}'; "
               f"{model.num_parameters():,} parameters ({model.num_parameters(exclude_embeddings=True):,} "
               f"without embeddings); {model.flops_per_token(config.data.seq_len):.3e} training FLOPs/token")
