@@ -105,6 +105,7 @@ class CheckpointConfig:
     dir: str | None = None  # None: <log.dir>/checkpoints
     interval: int = 0  # steps between saves; 0 saves only at the end
     keep: int = 2  # newest complete checkpoints kept; 0 keeps all
+    save_on_exit: bool = False  # on a stop request (megamix launch: Ctrl-C, SIGTERM) save at the step boundary
 
 
 @dataclass
@@ -311,6 +312,7 @@ def validate(c: Config) -> None:
 
     for key in ("tp", "pp", "vpp", "cp", "ep"):
         _require(getattr(p, key) >= 1, f"parallel.{key}: must be >= 1, got {getattr(p, key)}")
+    _require(p.vpp == 1 or p.pp > 1, f"parallel.vpp={p.vpp} interleaves pipeline stages: it needs parallel.pp > 1")
     _require(p.zero in (0, 1), f"parallel.zero: allowed 0 (replicated optimizer) or 1 (sharded), got {p.zero}")
     _require(m.num_heads % p.tp == 0, f"model.num_heads ({m.num_heads}) must be divisible by parallel.tp ({p.tp})")
     _require(m.num_kv_heads % p.tp == 0 or p.tp % m.num_kv_heads == 0,

@@ -139,9 +139,9 @@ def test_residual_output_projections_are_scaled_down():
     cfg = tiny_config("*-" * 8, hidden_size=256, ffn_hidden_size=512)
     model = HybridModel(cfg)
     expected = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-    assert model.layers[0].mixer.out_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
-    assert model.layers[1].mixer.down_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
-    assert model.layers[0].mixer.qkv_proj.weight.std().item() == pytest.approx(cfg.init_std, rel=0.05)
+    assert model.layers["0"].mixer.out_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert model.layers["1"].mixer.down_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert model.layers["0"].mixer.qkv_proj.weight.std().item() == pytest.approx(cfg.init_std, rel=0.05)
 
 
 def test_recompute_gives_identical_loss_and_gradients():
@@ -153,7 +153,7 @@ def test_recompute_gives_identical_loss_and_gradients():
         model.recompute = recompute
         calls = []
         # the norm, not the mixer: recomputation stops as soon as the last saved tensor is rebuilt
-        model.layers[0].norm.register_forward_hook(lambda *_: calls.append(1))
+        model.layers["0"].norm.register_forward_hook(lambda *_: calls.append(1))
         loss = next_token_loss(model, tokens)
         loss.backward()
         assert len(calls) == (2 if recompute else 1), "recompute runs each layer's forward again in backward"

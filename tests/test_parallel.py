@@ -77,7 +77,7 @@ def dense_layer_communication(sequence_parallel):
     ctx = model.forward_context(seq, x.device)
     with record_communication() as recorder:
         y = x
-        for layer in model.layers:
+        for layer in model.layers.values():
             y = layer(y, ctx)
         forward = recorder.kinds()
         y.sum().backward()
@@ -130,7 +130,7 @@ def data_parallel_gradients(cache, log_dir, overrides):
     trainer = Trainer(config)
     trainer.compute_gradients()
     return {name: full_tensor(p.grad, sharding_of(p, trainer.tp.size), trainer.parallel.tp)
-            for name, p in trainer.model.named_parameters()}
+            for name, p in trainer.named_parameters()}
 
 
 @pytest.mark.parametrize("world, overrides", [(2, []), (4, ["parallel.tp=2", "parallel.sequence_parallel=true"])],
@@ -217,3 +217,29 @@ def test_torchrun_trains_like_one_process(tmp_path, builtin_cache):
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert losses == pytest.approx(reference, rel=RTOL)
     assert json.loads((run_dir / "checkpoints" / "step_5" / "meta.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize("world, overrides", [
+    (2, ["parallel.pp=2"]),  # 1F1B
+    (2, ["parallel.pp=2", "parallel.vpp=2"]),  # interleaved 1F1B, 4 stages of one layer
+    (4, ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
+    (2, ["parallel.pp=2", "model.tie_embeddings=true"]),  # embedding on stage 0, head on stage 1
+    (2, ["parallel.pp=2", "model.pattern=*-*|-"]),  # stages at the marks
+], ids=["pp2-1f1b", "pp2-interleaved", "pp2xtp2-sp", "pp2-tied", "pp2-marked"])
+def test_pipeline_training_equals_one_process(tmp_path, builtin_cache, world, overrides):
+    model = [o for o in overrides if o.startswith("model.")]
+    reference_losses, reference_norms = train_run(builtin_cache, tmp_path / "single",
+                                                  [o.replace("|", "") for o in model])
+    for losses, norms in run_distributed(train_run, world, builtin_cache, tmp_path / "pipeline", overrides):
+        assert losses == pytest.approx(reference_losses, rel=RTOL)
+        assert norms == pytest.approx(reference_norms, rel=RTOL)
+
+
+def test_checkpoints_move_between_pipeline_layouts(tmp_path, builtin_cache):
+    reference = resumed_losses(builtin_cache, tmp_path / "single", [])
+    run_distributed(resumed_losses, 2, builtin_cache, tmp_path / "pp2", ["parallel.pp=2"])
+    losses = resumed_losses(builtin_cache, tmp_path / "from-pp2", [f"train.resume={tmp_path / 'pp2/checkpoints/step_3'}"])
+    assert losses == pytest.approx(reference[3:], rel=RTOL)
+    resumed = run_distributed(resumed_losses, 2, builtin_cache, tmp_path / "to-pp2",
+                              ["parallel.pp=2", f"train.resume={tmp_path / 'single/checkpoints/step_3'}"])
+    assert resumed[0] == pytest.approx(reference[3:], rel=RTOL)

@@ -60,7 +60,7 @@ def test_inspect_summarizes_checkpoint(tmp_path, builtin_cache, capsys):
     assert main(["inspect", str(config.checkpoint_dir), "--tensors"]) == 0
     out = capsys.readouterr().out
     assert "step        2 (512 tokens)" in out
-    assert f"parameters  {trainer.model.num_parameters():,} in" in out
+    assert f"parameters  {trainer.stages[0].num_parameters():,} in" in out
     assert "layers.0.mixer.qkv_proj.weight" in out
 
 

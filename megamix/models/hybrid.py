@@ -19,6 +19,7 @@ from megamix.parallel import (
     mark_sequence_parallel,
     sharding_of,
 )
+from megamix.parallel.pipeline import StageSpec, mark_tied_across_stages
 from megamix.parallel.sharding import materialize
 
 PIPELINE_STAGE_BOUNDARY = "|"
@@ -75,38 +76,56 @@ class HybridModel(nn.Module):
     With tensor parallelism ``tp`` the embedding, mixers and head are split over its
     ranks (see :mod:`megamix.parallel`) and the logits are the rank's vocabulary
     shard ``[batch, seq, vocab / tp]``, for :func:`~megamix.parallel.vocab_parallel_cross_entropy`.
+
+    A pipeline ``stage`` builds only its layers (keeping their global indices, so
+    parameter names do not depend on the split), the embedding if it is the first
+    stage and the norm and head if it is the last; its forward maps hidden states
+    ``[batch, seq, hidden]`` from the previous stage to those for the next.
     """
 
     def __init__(self, cfg: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
-                 tp: TensorParallel = NO_TENSOR_PARALLEL):
+                 tp: TensorParallel = NO_TENSOR_PARALLEL, stage: StageSpec | None = None):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta
         self.hidden_size, self.vocab_size = cfg.hidden_size, cfg.vocab_size
         self.tp = tp
         self.recompute = False
+        kinds = cfg.pattern.replace(PIPELINE_STAGE_BOUNDARY, "")
+        self.takes_tokens = stage is None or stage.is_first
+        self.returns_logits = stage is None or stage.is_last
         with torch.device("meta"):
-            self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-            self.layers = nn.ModuleList(
-                ResidualLayer(RMSNorm(cfg.hidden_size, cfg.norm_eps), LAYER_KINDS[char].build(cfg, tp))
-                for char in cfg.pattern
-                if char != PIPELINE_STAGE_BOUNDARY
+            if self.takes_tokens or (self.returns_logits and cfg.tie_embeddings):
+                self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+            self.layers = nn.ModuleDict(
+                (str(i), ResidualLayer(RMSNorm(cfg.hidden_size, cfg.norm_eps), LAYER_KINDS[kinds[i]].build(cfg, tp)))
+                for i in (range(len(kinds)) if stage is None else stage.layers)
             )
-            self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-            self.lm_head = None if cfg.tie_embeddings else ColumnParallelLinear(cfg.hidden_size, [cfg.vocab_size], tp)
+            if self.returns_logits:
+                self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+                self.lm_head = None if cfg.tie_embeddings else ColumnParallelLinear(cfg.hidden_size, [cfg.vocab_size], tp)
         mark_sequence_parallel(self, tp)
+        if stage is not None and cfg.tie_embeddings and stage.is_first != stage.is_last:
+            mark_tied_across_stages(self.embed.weight)
         materialize(self, device)
         if torch.device(device).type != "meta":  # a meta model only plans: counts parameters and FLOPs
             init_parameters(self, seed, cfg.init_std, cfg.num_layers)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)  # [batch, seq / tp, hidden] under SP
-        ctx = self.forward_context(tokens.shape[1], tokens.device)
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """tokens ``[batch, seq]`` (first stage) or hidden states → hidden states or logits (last stage)."""
+        if self.takes_tokens:
+            seq_len = x.shape[1]
+            x = self.embed(x)  # [batch, seq / tp, hidden] under SP
+        else:
+            seq_len = x.shape[1] * (self.tp.size if self.tp.sequence_parallel else 1)
+        ctx = self.forward_context(seq_len, x.device)
+        for layer in self.layers.values():
             if self.recompute and self.training:
                 x = checkpoint(layer, x, ctx, use_reentrant=False)
             else:
                 x = layer(x, ctx)
+        if not self.returns_logits:
+            return x
         x = self.norm(x)
         if self.lm_head is not None:
             return self.lm_head(x)
@@ -131,4 +150,4 @@ class HybridModel(nn.Module):
         counts all seq_len keys (see :meth:`Attention.flops_per_token`).
         """
         head = 2 * self.hidden_size * self.vocab_size
-        return 3 * (sum(layer.flops_per_token(seq_len) for layer in self.layers) + head)
+        return 3 * (sum(layer.flops_per_token(seq_len) for layer in self.layers.values()) + head)

@@ -95,7 +95,7 @@ def all_gather(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
     out = moved.new_empty((group.size * moved.shape[0], *moved.shape[1:]))
     _issue("all_gather", group, out)
     dist.all_gather_single(out, moved, group=group.group)
-    return out.movedim(0, dim)
+    return out.movedim(0, dim).contiguous()  # layers and pipeline sends expect dense activations
 
 
 def reduce_scatter(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
@@ -106,7 +106,7 @@ def reduce_scatter(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
     out = moved.new_empty((moved.shape[0] // group.size, *moved.shape[1:]))
     _issue("reduce_scatter", group, moved)
     dist.reduce_scatter_single(out, moved, group=group.group)
-    return out.movedim(0, dim)
+    return out.movedim(0, dim).contiguous()
 
 
 def local_chunk(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:

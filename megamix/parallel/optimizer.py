@@ -1,7 +1,8 @@
 """Data-parallel gradient reduction and AdamW, with the optimizer state sharded over data parallel (ZeRO-1).
 
 Each step:
-1. partial gradients (replicated kv heads, norms under sequence parallel) are summed over TP;
+1. partial gradients (replicated kv heads, norms under sequence parallel) are summed over TP,
+   and a tied embedding's over the first and last pipeline stage;
 2. gradients are averaged over the grad group (dp × cp) in buckets: reduce-scatter
    when sharded, all-reduce otherwise;
 3. the global gradient norm is computed from what each rank holds (replicated
@@ -85,6 +86,8 @@ class DistributedOptimizer:
                 slot.param.grad = torch.zeros_like(slot.param)
             if slot.sharding.partial_grads:
                 sum_partial_gradient(slot.param.grad, slot.sharding, self.parallel.tp)
+            if slot.sharding.stage_copies > 1:
+                comm.all_reduce(slot.param.grad, self.parallel.embedding)
         for bucket in self.buckets:
             if self.shard:
                 self._reduce_scatter(bucket)

@@ -10,7 +10,9 @@ Everything layout-dependent reads it:
 - checkpoints store every piece at its global offset, so they load under any layout;
 - gradient norms weight replicated pieces by 1/replicas, counting each element once;
 - ``partial_grads`` marks parameters whose gradients must be summed over the
-  tensor-parallel group (replicated kv heads, norms under sequence parallel).
+  tensor-parallel group (replicated kv heads, norms under sequence parallel);
+- ``stage_copies`` marks a tied embedding held by the first and the last pipeline
+  stage, whose gradients are summed over both.
 
 A parameter without a sharding is whole and replicated.
 """
@@ -40,6 +42,7 @@ class Sharding:
     dim: int
     pieces: tuple[Piece, ...]
     partial_grads: bool = False
+    stage_copies: int = 1  # pipeline stages holding a copy (2 for a tied embedding split from its head)
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's local tensor cut from the full one."""
@@ -67,12 +70,12 @@ class Sharding:
             yield tuple(offsets), view
 
     def row_weights(self, num_rows: int) -> torch.Tensor:
-        """Weight of each local dim-0 row in a norm: 1/replicas of its piece."""
+        """Weight of each local dim-0 row in a norm: 1 / (replicas of its piece × stage copies)."""
         if self.dim != 0:
-            return torch.full((num_rows,), 1.0 / self.pieces[0].replicas)
+            return torch.full((num_rows,), 1.0 / (self.pieces[0].replicas * self.stage_copies))
         weights = torch.empty(num_rows)
         for piece in self.pieces:
-            weights[piece.local_start:piece.local_start + piece.length] = 1.0 / piece.replicas
+            weights[piece.local_start:piece.local_start + piece.length] = 1.0 / (piece.replicas * self.stage_copies)
         return weights
 
 

@@ -72,6 +72,7 @@ class ParallelState:
     the parameters (Megatron's model-parallel group; cp ranks hold the same ones).
     ``ep``: expert parallel, consecutive blocks of ``ep`` ranks of the grad group;
     ``expert_dp``: the ranks of the grad group holding the same experts.
+    ``embedding``: the first and the last pipeline rank (they share a tied embedding).
     """
 
     world_size: int
@@ -84,6 +85,7 @@ class ParallelState:
     model: Group
     ep: Group
     expert_dp: Group
+    embedding: Group
     sequence_parallel: bool = False
 
     @property
@@ -93,7 +95,7 @@ class ParallelState:
     @classmethod
     def single(cls) -> ParallelState:
         """The trivial layout of one process (no process group needed)."""
-        return cls(1, 0, *[SINGLE] * 8)
+        return cls(1, 0, *[SINGLE] * 9)
 
     @classmethod
     def create(cls, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1,
@@ -111,6 +113,7 @@ class ParallelState:
                   {"tp": ["tp"], "cp": ["cp"], "dp": ["dp"], "pp": ["pp"], "grad": ["dp", "cp"],
                    "model": ["pp", "tp"]}.items()}
         groups |= {name: _group_along(expert_layout, rank, [name]) for name in ("ep", "expert_dp")}
+        groups["embedding"] = _group_along(layout, rank, ["pp"], only={"pp": {0, pp - 1}})
         return cls(world, rank, sequence_parallel=sequence_parallel and tp > 1, **groups)
 
 
@@ -130,18 +133,21 @@ def _rank_of(layout: dict[str, int], coords: dict[str, int]) -> int:
     return rank
 
 
-def _group_along(layout: dict[str, int], rank: int, dims: list[str]) -> Group:
-    """The group of ranks that differ from ``rank`` only along ``dims`` of ``layout``.
+def _group_along(layout: dict[str, int], rank: int, dims: list[str],
+                 only: dict[str, set[int]] | None = None) -> Group:
+    """The group of ranks that differ from ``rank`` only along ``dims`` of ``layout``
+    (restricted to the coordinates in ``only``, e.g. the first and last pipeline rank).
 
     ``new_group`` is collective over the whole world, so every rank creates every
     group of this kind in the same order and keeps the one that contains it.
     """
+    only = only or {}
     mine = dict(zip(layout, _coordinates(rank, list(layout.values()))))
     fixed = [name for name in layout if name not in dims]
     found = SINGLE
     for fixed_values in itertools.product(*(range(layout[n]) for n in fixed)):
         ranks = sorted(_rank_of(layout, {**dict(zip(fixed, fixed_values)), **dict(zip(dims, varying))})
-                       for varying in itertools.product(*(range(layout[n]) for n in dims)))
+                       for varying in itertools.product(*(sorted(only.get(n, range(layout[n]))) for n in dims)))
         group = dist.new_group(ranks) if len(ranks) > 1 else None
         if rank in ranks:
             found = Group(group, ranks.index(rank), len(ranks))

@@ -109,39 +109,62 @@ class VocabParallelEmbedding(nn.Module):
         return tp_output(embedded, self.tp)
 
 
+# Rows of logits handled at a time by the loss: 2^18 elements (1 MiB in fp32) stay in
+# the core's L2 cache between the passes over one chunk.
+LOSS_CHUNK_ELEMENTS = 2**18
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """−log softmax(logits)[target] with the vocabulary split over ranks; never gathers full logits."""
+    """loss = log Σ_v exp(x_v − m) − (x_target − m), m = max_v x_v, over ``logits x [rows, vocab / tp]``
+    whose vocabulary is split over the TP ranks (m, the sums and the target logits are all-reduced,
+    so full logits are never gathered).
+
+    Backward: dx = (softmax(x) − onehot(target)) · grad_loss. Both passes run over
+    chunks of rows so that exp(x − m) is summed, and the gradient rows written,
+    while the chunk is still in cache: no full-size fp32 temporaries besides the
+    gradient itself, where ``F.cross_entropy`` writes log-softmax, a zero-filled
+    gradient and reads both again. Computed in at least fp32 (bf16 logits are
+    upcast chunk by chunk); the gradient is returned in the logits' dtype.
+    """
 
     @staticmethod
     def forward(ctx, logits, targets, tp: TensorParallel):
-        logits = logits.float()
-        max_logit = comm.all_reduce(logits.max(dim=-1).values, tp.group, op=torch.distributed.ReduceOp.MAX)
-        shifted = logits - max_logit[..., None]
-        vocab_start = tp.rank * logits.shape[-1]
-        local = targets - vocab_start
-        outside = (local < 0) | (local >= logits.shape[-1])
-        local = local.masked_fill(outside, 0)
-        target_logit = shifted.gather(-1, local[..., None]).squeeze(-1).masked_fill(outside, 0.0)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
+        rows, vocab = logits.shape
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        max_logit = comm.all_reduce(logits.amax(dim=-1).to(compute), tp.group, op=torch.distributed.ReduceOp.MAX)
+        local = targets - tp.rank * vocab
+        inside = (local >= 0) & (local < vocab)
+        local = local.masked_fill(~inside, 0)
+        target_logit = (logits.gather(-1, local[:, None]).squeeze(-1).to(compute) - max_logit).masked_fill(~inside, 0.0)
+        sum_exp = max_logit.new_empty(rows)
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // vocab)
+        for start in range(0, rows, chunk):
+            part = slice(start, start + chunk)
+            torch.sum((logits[part].to(compute) - max_logit[part, None]).exp_(), dim=-1, out=sum_exp[part])
         stacked = comm.all_reduce(torch.stack([target_logit, sum_exp]), tp.group)
-        loss = stacked[1].log() - stacked[0]
-        ctx.save_for_backward(exp.div_(stacked[1][..., None]), local, outside)
-        return loss
+        log_sum_exp = stacked[1].log()
+        ctx.chunk = chunk
+        ctx.save_for_backward(logits, local, inside, max_logit + log_sum_exp)
+        return log_sum_exp - stacked[0]
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local, outside = ctx.saved_tensors
-        grad = softmax.scatter_add(-1, local[..., None], -(~outside).to(softmax.dtype)[..., None])
-        return grad * grad_loss[..., None], None, None
+        logits, local, inside, log_normalizer = ctx.saved_tensors
+        grad = torch.empty_like(logits, dtype=log_normalizer.dtype)
+        minus_grad_at_target = -(grad_loss * inside)[:, None]
+        for start in range(0, logits.shape[0], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            softmax = torch.sub(logits[part], log_normalizer[part, None], out=grad[part]).exp_()
+            softmax.mul_(grad_loss[part, None]).scatter_add_(-1, local[part, None], minus_grad_at_target[part])
+        return grad.to(logits.dtype), None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                                  tp: TensorParallel = NO_TENSOR_PARALLEL) -> torch.Tensor:
-    """Per-token loss ``[batch, seq]`` (fp32) from vocabulary-sharded ``logits [batch, seq, vocab / tp]``."""
-    if tp.size == 1:
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-    return _VocabParallelCrossEntropy.apply(logits, targets, tp)
+    """Per-token loss ``[batch, seq]`` (fp32) from vocabulary-sharded ``logits [batch, seq, vocab / tp]``
+    (see :class:`_VocabParallelCrossEntropy`)."""
+    loss = _VocabParallelCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), tp)
+    return loss.view_as(targets)
 
 
 def mark_sequence_parallel(module: nn.Module, tp: TensorParallel) -> None:

@@ -11,7 +11,9 @@ continues bit for bit, and at another layout within fp32 round-off.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -22,9 +24,10 @@ from megamix.config import Config, config_from_dict
 from megamix.data import BlendedSamples, IndexedDataset, SampleStream, Tokenizer, default_cache_dir, ensure_builtin
 from megamix.errors import CheckpointError, ConfigError, TrainingError
 from megamix.models import HybridModel
-from megamix.parallel import DistributedOptimizer, ParallelState, init_distributed, sharding_of
+from megamix.parallel import DistributedOptimizer, Group, ParallelState, init_distributed, sharding_of
 from megamix.parallel import vocab_parallel_cross_entropy
 from megamix.parallel.checkpointing import GlobalPieces
+from megamix.parallel.pipeline import PipelineSchedule, split_layers, stage_specs
 from megamix.parallel.comm import all_reduce
 from megamix.train.device import peak_flops, peak_memory_mb, pick_device
 from megamix.train.metrics import MetricsLogger
@@ -34,7 +37,7 @@ from megamix.train.schedule import learning_rate, set_learning_rate
 def build_parallel_state(config: Config) -> ParallelState:
     """Join the process group (under torchrun) and build the layout's groups; refuse what is not built yet."""
     p = config.parallel
-    for key, issue in (("pp", "pipeline parallelism"), ("cp", "context parallelism"), ("ep", "expert parallelism")):
+    for key, issue in (("cp", "context parallelism"), ("ep", "expert parallelism")):
         if getattr(p, key) > 1:
             raise ConfigError(f"parallel.{key}={getattr(p, key)}: {issue} is not available yet; use parallel.{key}=1")
     return ParallelState.create(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, sequence_parallel=p.sequence_parallel)
@@ -57,10 +60,15 @@ def open_training_data(config: Config) -> SampleStream:
 
 
 class Trainer:
-    """Trains ``config`` in this process group; ``run()`` trains to ``train.steps`` and returns the losses it ran."""
+    """Trains ``config`` in this process group; ``run()`` trains to ``train.steps`` and returns the losses it ran.
 
-    def __init__(self, config: Config):
+    ``stop``: an event another thread may set (``megamix launch`` does on Ctrl-C) to end the run at the
+    next step boundary, after a checkpoint when ``checkpoint.save_on_exit`` is set.
+    """
+
+    def __init__(self, config: Config, stop: threading.Event | None = None):
         self.config = config
+        self.stop = stop
         t = config.train
         self.device = pick_device(t.device)
         init_distributed(self.device)
@@ -75,13 +83,35 @@ class Trainer:
         self.tokens_per_step = t.global_batch_size * config.data.seq_len
         torch.manual_seed(t.seed)
         self.stream = open_training_data(config)
-        self.model = HybridModel(config.model, seed=t.seed, device=self.device, tp=self.tp)
-        self.model.recompute = t.recompute
-        self.optimizer = DistributedOptimizer(self.model.named_parameters(), self.parallel, lr=t.lr,
+        self.stages, self.pipeline = self._build_model()
+        self.optimizer = DistributedOptimizer(self.named_parameters(), self.parallel, lr=t.lr,
                                               betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
                                               shard=config.parallel.zero == 1)
         self.step = 0
         self._resume()
+
+    def _build_model(self) -> tuple[list[HybridModel], PipelineSchedule | None]:
+        """The model, or under pipeline parallelism this rank's stages and their schedule."""
+        c, t = self.config, self.config.train
+        build = functools.partial(HybridModel, c.model, seed=t.seed, device=self.device, tp=self.tp)
+        if self.parallel.pp.size == 1:
+            stages, pipeline = [build()], None
+        else:
+            plan = HybridModel(c.model, device=torch.device("meta"))
+            costs = [layer.flops_per_token(c.data.seq_len) for layer in plan.layers.values()]
+            split = split_layers(c.model.pattern, c.parallel.pp * c.parallel.vpp, costs,
+                                 head_cost=2 * c.model.hidden_size * c.model.vocab_size)
+            specs = stage_specs(split, self.parallel)
+            stages = [build(stage=spec) for spec in specs]
+            pipeline = PipelineSchedule(stages, specs, self.parallel, self.device, self.micro_batches,
+                                        loss_fn=lambda logits, targets: self._loss(logits, targets))
+        for stage in stages:
+            stage.recompute = t.recompute
+        return stages, pipeline
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """This rank's parameters by their global names (the same under every layout)."""
+        return [item for stage in self.stages for item in stage.named_parameters()]
 
     @property
     def is_logging_rank(self) -> bool:
@@ -92,7 +122,7 @@ class Trainer:
     def _checkpoint_entries(self) -> dict:
         """Flat DCP entries: parameters and Adam moments as pieces of global tensors, plus run state."""
         entries = {f"model.{name}": GlobalPieces(sharding_of(p, self.tp.size), p.data)
-                   for name, p in self.model.named_parameters()}
+                   for name, p in self.named_parameters()}
         entries |= self.optimizer.checkpoint_state()
         entries["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
@@ -143,19 +173,27 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of one micro-batch (vocabulary-parallel under TP)."""
+        return vocab_parallel_cross_entropy(logits, targets, self.tp).mean()
+
     def compute_gradients(self) -> float:
         """Forward and backward over this rank's micro-batches; gradients reduced; returns the global mean loss."""
         t = self.config.train
         batch = self.stream.next_batch(t.global_batch_size)
         mine = batch.narrow(0, self.parallel.dp.rank * self.rank_batch, self.rank_batch).to(self.device)
-        total_loss = torch.zeros((), device=self.device)
-        for micro in mine.split(t.micro_batch_size):
+        if self.pipeline is not None:
             with self._autocast():
-                logits = self.model(micro[:, :-1])
-            loss = vocab_parallel_cross_entropy(logits, micro[:, 1:], self.tp).mean()
-            (loss / self.micro_batches).backward()
-            total_loss += loss.detach()
-        total_loss /= self.micro_batches
+                total_loss = torch.tensor(self.pipeline.step(mine), device=self.device)
+        else:
+            total_loss = torch.zeros((), device=self.device)
+            for micro in mine.split(t.micro_batch_size):
+                with self._autocast():
+                    logits = self.stages[0](micro[:, :-1])
+                loss = self._loss(logits, micro[:, 1:])
+                (loss / self.micro_batches).backward()
+                total_loss += loss.detach()
+            total_loss /= self.micro_batches
         all_reduce(total_loss, self.parallel.grad).div_(self.parallel.grad.size)
         self.optimizer.reduce_gradients()
         return total_loss.item()
@@ -185,37 +223,55 @@ class Trainer:
             (run_dir / "config.yaml").write_text(c.to_yaml())
             logger = MetricsLogger(run_dir, c.train.steps, self.step, c.log.tensorboard, c.log.progress)
         peak = peak_flops(self.device, c.train.precision)
-        flops_per_token = self.model.flops_per_token(c.data.seq_len)
+        flops_per_token = HybridModel(c.model, device=torch.device("meta")).flops_per_token(c.data.seq_len)
         losses = []
         try:
             while self.step < c.train.steps:
                 start = time.perf_counter()
+                if self.pipeline is not None:
+                    self.pipeline.busy = 0.0
                 loss, grad_norm = self.train_step()
                 elapsed = time.perf_counter() - start
+                bubble = self.pipeline.bubble(elapsed) if self.pipeline is not None else None
                 losses.append(loss)
                 if logger is not None:
                     logger.advance()
                     if self.step % c.log.interval == 0 or self.step == c.train.steps:
-                        logger.log(self._record(loss, grad_norm, elapsed, flops_per_token, peak))
+                        logger.log(self._record(loss, grad_norm, elapsed, flops_per_token, peak, bubble))
                 interval = c.checkpoint.interval
-                if (interval and self.step % interval == 0) or self.step == c.train.steps:
+                saved = (interval and self.step % interval == 0) or self.step == c.train.steps
+                if saved:
                     self.save()
+                if self._stop_agreed():
+                    if c.checkpoint.save_on_exit and not saved:
+                        self.save()
+                    break
         finally:
             if logger is not None:
                 logger.close()
         return losses
 
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop: all ranks get the same answer, so they leave at the same step."""
+        if self.stop is None:
+            return False
+        flag = torch.tensor([float(self.stop.is_set())], device=self.device)
+        world = Group(torch.distributed.group.WORLD, self.parallel.rank, self.parallel.world_size)
+        return bool(all_reduce(flag, world, op=torch.distributed.ReduceOp.MAX).item())
+
     def _record(self, loss: float, grad_norm: float, elapsed: float, flops_per_token: int,
-                peak: float | None) -> dict:
+                peak: float | None, bubble: float | None) -> dict:
         tokens_per_s = self.tokens_per_step / elapsed
         record = {"step": self.step, "loss": loss, "lr": learning_rate(self.step - 1, self.config.train),
                   "grad_norm": grad_norm, "tokens": self.step * self.tokens_per_step,
                   "tokens_per_s": tokens_per_s, "step_time_s": elapsed, "mem_peak_mb": peak_memory_mb(self.device)}
+        if bubble is not None:
+            record["pp_bubble"] = bubble
         if peak is not None:
             record["mfu"] = flops_per_token * tokens_per_s / (peak * self.parallel.world_size)
         return record
 
 
-def train(config: Config) -> list[float]:
-    """Train ``config`` to completion in this process group; returns the losses of the steps run."""
-    return Trainer(config).run()
+def train(config: Config, stop: threading.Event | None = None) -> list[float]:
+    """Train ``config`` to completion (or until ``stop`` is set) in this process group; returns the losses run."""
+    return Trainer(config, stop).run()

@@ -1,0 +1,176 @@
+"""Pipeline parallelism: stages cut from the layer pattern, run by a 1F1B or interleaved 1F1B schedule.
+
+``pp`` ranks × ``vpp`` virtual stages each = S stages; stage s lives on pipeline
+rank ``s mod pp`` as its chunk ``s div pp`` (Megatron's interleaving). The first
+stage holds the embedding, the last the final norm, the LM head and the loss.
+
+The schedules are ``torch.distributed.pipelining``'s: our stage modules take and
+return one tensor, which is exactly what its ``PipelineStage`` expects, and its
+1F1B / interleaved 1F1B order the micro-batches as Megatron does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megamix.errors import ConfigError
+from megamix.parallel.comm import all_reduce
+from megamix.parallel.sharding import set_sharding, sharding_of
+from megamix.parallel.state import ParallelState
+
+STAGE_MARK = "|"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Which part of the model one pipeline stage builds: global layer indices, embedding, head."""
+
+    index: int
+    num_stages: int
+    layers: tuple[int, ...]
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+
+def mark_tied_across_stages(param: torch.Tensor) -> None:
+    """A tied embedding lives on the first and the last stage: its gradient is summed over
+    both (the ``embedding`` group) and it counts once in the gradient norm."""
+    set_sharding(param, dataclasses.replace(sharding_of(param), stage_copies=2))
+
+
+def split_layers(pattern: str, num_stages: int, layer_costs: list[float], head_cost: float) -> list[list[int]]:
+    """Global layer indices of each of ``num_stages`` contiguous stages.
+
+    With ``|`` marks in the pattern the stages are exactly the marked segments, and
+    their number must equal ``num_stages``. Otherwise the layers are cut where the
+    most expensive stage is cheapest (``layer_costs`` per layer, ``head_cost`` added
+    to the last stage). Never silently changes the layout: an impossible split is an error.
+    """
+    num_layers = len(layer_costs)
+    if STAGE_MARK in pattern:
+        segments = pattern.split(STAGE_MARK)
+        if len(segments) != num_stages or not all(segments):
+            raise ConfigError(f"model.pattern {pattern!r} has {len(segments)} stages between its '|' marks "
+                              f"(empty ones included); parallel.pp × parallel.vpp = {num_stages} needs exactly that "
+                              f"many non-empty segments")
+        stages, start = [], 0
+        for segment in segments:
+            stages.append(list(range(start, start + len(segment))))
+            start += len(segment)
+        return stages
+    if num_layers < num_stages:
+        raise ConfigError(f"model.pattern has {num_layers} layers, fewer than parallel.pp × parallel.vpp = "
+                          f"{num_stages} stages")
+    return _min_max_partition(layer_costs, num_stages, head_cost)
+
+
+def _min_max_partition(costs: list[float], parts: int, last_extra: float) -> list[list[int]]:
+    """Contiguous partition of ``costs`` into ``parts`` non-empty runs minimising the largest run
+    (the last run also carries ``last_extra``); dynamic programming over cut points."""
+    n = len(costs)
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    inf = float("inf")
+    # best[k][i]: the smallest possible largest run when the first i layers form k runs
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for i in range(k, n - (parts - k) + 1):
+            extra = last_extra if k == parts else 0.0
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j] + extra)
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    stages, end = [], n
+    for k in range(parts, 0, -1):
+        start = cut[k][end]
+        stages.append(list(range(start, end)))
+        end = start
+    return stages[::-1]
+
+
+def stage_specs(stages: list[list[int]], parallel: ParallelState) -> list[StageSpec]:
+    """The stages this pipeline rank holds: s = rank, rank + pp, rank + 2·pp, … (interleaved order)."""
+    pp, rank = parallel.pp.size, parallel.pp.rank
+    return [StageSpec(s, len(stages), tuple(stages[s])) for s in range(rank, len(stages), pp)]
+
+
+class PipelineSchedule:
+    """Runs one optimizer step's micro-batches through this rank's stage modules.
+
+    ``loss_fn(logits, targets)`` is the mean per-token loss of one micro-batch; the
+    returned loss is the mean over micro-batches, on every pipeline rank. Busy time
+    (forward and backward compute of the local stages) is measured per step, so
+    ``bubble`` = 1 − busy / step time.
+    """
+
+    def __init__(self, modules: list[nn.Module], specs: list[StageSpec], parallel: ParallelState,
+                 device: torch.device, micro_batches: int, loss_fn: Callable):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+
+        pp = parallel.pp.size
+        if len(specs) > 1 and micro_batches % pp:
+            raise ConfigError(f"the interleaved schedule needs the micro-batches per step ({micro_batches}) to be "
+                              f"a multiple of parallel.pp ({pp}); change train.global_batch_size")
+        self.parallel = parallel
+        self.is_last = specs[-1].is_last
+        self.is_first = specs[0].is_first
+        self.busy = 0.0
+        for module in modules:
+            self._time(module)
+        stages = [PipelineStage(module, spec.index, spec.num_stages, device, group=parallel.pp.group)
+                  for module, spec in zip(modules, specs)]
+        if len(stages) == 1:
+            self.schedule = Schedule1F1B(stages[0], micro_batches, loss_fn=loss_fn)
+        else:
+            self.schedule = ScheduleInterleaved1F1B(stages, micro_batches, loss_fn=loss_fn)
+
+    def _time(self, module: nn.Module) -> None:
+        """Accumulate the wall time of the module's forward and backward into ``self.busy``."""
+        starts = {}
+
+        def start(name):
+            def hook(*_):
+                starts[name] = time.perf_counter()
+            return hook
+
+        def stop(name):
+            def hook(*_):
+                self.busy += time.perf_counter() - starts.pop(name)
+            return hook
+
+        module.register_forward_pre_hook(start("forward"))
+        module.register_forward_hook(stop("forward"))
+        module.register_full_backward_pre_hook(start("backward"))
+        module.register_full_backward_hook(stop("backward"))
+
+    def bubble(self, step_time: float) -> float:
+        """Idle fraction of the step, 1 − busy / step time, averaged over the pipeline ranks."""
+        idle = torch.tensor(1.0 - self.busy / step_time, dtype=torch.float64)
+        return all_reduce(idle, self.parallel.pp).item() / self.parallel.pp.size
+
+    def step(self, tokens: torch.Tensor) -> float:
+        """tokens ``[rank_batch, seq + 1]``: inputs and targets of this rank's micro-batches."""
+        losses: list[torch.Tensor] = []
+        if self.is_first:
+            self.schedule.step(tokens[:, :-1], target=tokens[:, 1:] if self.is_last else None, losses=losses)
+        elif self.is_last:
+            self.schedule.step(target=tokens[:, 1:], losses=losses)
+        else:
+            self.schedule.step()
+        local = torch.stack(losses).mean() if losses else torch.zeros(())
+        return all_reduce(local.detach().float(), self.parallel.pp).item()  # only the last stage contributes
