@@ -114,8 +114,8 @@ class PipelineSchedule:
 
     ``loss_fn(logits, targets)`` is the mean per-token loss of one micro-batch; the
     returned loss is the mean over micro-batches, on every pipeline rank. Busy time
-    (forward and backward compute of the local stages) is measured per step, so
-    ``bubble`` = 1 − busy / step time.
+    (the local stages' forward and backward of each micro-batch, their sends and
+    receives excluded) is summed per step, so ``bubble`` = 1 − busy / step time.
     """
 
     def __init__(self, modules: list[nn.Module], specs: list[StageSpec], parallel: ParallelState,
@@ -130,33 +130,25 @@ class PipelineSchedule:
         self.is_last = specs[-1].is_last
         self.is_first = specs[0].is_first
         self.busy = 0.0
-        for module in modules:
-            self._time(module)
         stages = [PipelineStage(module, spec.index, spec.num_stages, device, group=parallel.pp.group)
                   for module, spec in zip(modules, specs)]
+        for stage in stages:
+            stage.forward_one_chunk = self._timed(stage.forward_one_chunk)
+            stage.backward_one_chunk = self._timed(stage.backward_one_chunk)
         if len(stages) == 1:
             self.schedule = Schedule1F1B(stages[0], micro_batches, loss_fn=loss_fn)
         else:
             self.schedule = ScheduleInterleaved1F1B(stages, micro_batches, loss_fn=loss_fn)
 
-    def _time(self, module: nn.Module) -> None:
-        """Accumulate the wall time of the module's forward and backward into ``self.busy``."""
-        starts = {}
-
-        def start(name):
-            def hook(*_):
-                starts[name] = time.perf_counter()
-            return hook
-
-        def stop(name):
-            def hook(*_):
-                self.busy += time.perf_counter() - starts.pop(name)
-            return hook
-
-        module.register_forward_pre_hook(start("forward"))
-        module.register_forward_hook(stop("forward"))
-        module.register_full_backward_pre_hook(start("backward"))
-        module.register_full_backward_hook(stop("backward"))
+    def _timed(self, compute: Callable) -> Callable:
+        """``compute`` (a stage's forward or backward of one micro-batch) adding its wall time to ``busy``."""
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return compute(*args, **kwargs)
+            finally:
+                self.busy += time.perf_counter() - start
+        return timed
 
     def bubble(self, step_time: float) -> float:
         """Idle fraction of the step, 1 − busy / step time, averaged over the pipeline ranks."""
