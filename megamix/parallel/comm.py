@@ -122,69 +122,47 @@ def local_chunk(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
 # Autograd functions
 
 
-class _CopyToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
+def _autograd_pair(forward, backward):
+    """``f(x, group)`` running ``forward`` and, for the gradient, ``backward``; identity on a group of one."""
 
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce(grad.contiguous(), ctx.group), None
+    class Pair(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, group):
+            ctx.group = group
+            return forward(x, group)
 
+        @staticmethod
+        def backward(ctx, grad):
+            return backward(grad.contiguous(), ctx.group), None
 
-class _ReduceFromGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce(x.contiguous(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather(x, group, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter(grad, ctx.group, dim=1), None
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter(x, group, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather(grad, ctx.group, dim=1), None
-
-
-class _ScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return local_chunk(x, group, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather(grad, ctx.group, dim=1), None
-
-
-def _identity_if_single(function):
     def apply(x: torch.Tensor, group: Group) -> torch.Tensor:
-        return x if group.size == 1 else function.apply(x, group)
+        return x if group.size == 1 else Pair.apply(x, group)
 
     return apply
 
 
-copy_to_tp = _identity_if_single(_CopyToGroup)
-reduce_from_tp = _identity_if_single(_ReduceFromGroup)
-gather_sequence = _identity_if_single(_GatherSequence)
-reduce_scatter_sequence = _identity_if_single(_ReduceScatterSequence)
-scatter_sequence = _identity_if_single(_ScatterSequence)
+def _identity(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x.view_as(x)
+
+
+def _sum(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return all_reduce(x.contiguous(), group)
+
+
+def _gather_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return all_gather(x, group, dim=1)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return reduce_scatter(x, group, dim=1)
+
+
+def _own_seq_chunk(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return local_chunk(x, group, dim=1)
+
+
+copy_to_tp = _autograd_pair(_identity, _sum)
+reduce_from_tp = _autograd_pair(_sum, _identity)
+gather_sequence = _autograd_pair(_gather_seq, _reduce_scatter_seq)
+reduce_scatter_sequence = _autograd_pair(_reduce_scatter_seq, _gather_seq)
+scatter_sequence = _autograd_pair(_own_seq_chunk, _gather_seq)
