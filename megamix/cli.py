@@ -61,6 +61,12 @@ def _prepare_data(args: argparse.Namespace) -> int:
     return prepare.run(args)
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from megamix_launch import cli
+
+    return cli.run(args)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from megamix.checkpoint.inspect import describe_checkpoint
 
@@ -86,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_arguments(data)
     data.set_defaults(handler=_prepare_data)
 
+    from megamix_launch import cli as launch_cli
+
+    launch = commands.add_parser("launch", help="train on a Ray cluster or an embedded local Ray; restarts on failure",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    launch_cli.add_arguments(launch)
+    launch.set_defaults(handler=_launch)
+
     inspect = commands.add_parser("inspect", help="summarize a checkpoint", epilog=_INSPECT_EXAMPLES,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     inspect.add_argument("checkpoint", help="a checkpoint directory (step_<N>) or a checkpoint root with 'latest'")
@@ -95,7 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting key=value overrides at the first flag; take the ones after it too
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides += extra
     try:
         return args.handler(args)
     except MegamixError as e:

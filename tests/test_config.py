@@ -101,3 +101,11 @@ def test_cli_dry_run_prints_resolved_config(capsys):
     resolved = yaml.safe_load(out)
     assert resolved["train"]["steps"] == 3 and resolved["model"]["pattern"] == "*-*-*-*-"
     assert "parameters" in out and "layout" in out
+
+
+def test_cli_takes_overrides_after_flags(capsys):
+    assert main(["train", "configs/tiny-dense.yaml", "--dry-run", "train.steps=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["steps"] == 3
+    with pytest.raises(SystemExit):
+        main(["train", "configs/tiny-dense.yaml", "--dry-run", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
