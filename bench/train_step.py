@@ -1,11 +1,21 @@
 """Training-step throughput of megamix's HybridModel against transformers' LlamaForCausalLM.
 
-Both models have the identical dense shape and run the identical step (forward,
-next-token cross-entropy, backward, AdamW) on the same batch; their steps
-alternate, first one model first and then the other, so that load from other
-processes hits both alike. Prints one JSON object with
-tokens/s (median over the timed steps, warmup excluded) per model and precision,
-and the ratio megamix / transformers.
+Both models have the identical dense shape and each runs one full training step
+the way its users train, on the same batch:
+
+- megamix as its trainer runs it (``megamix.train.Trainer.train_step``): logits,
+  ``vocab_parallel_cross_entropy(...).mean()``, backward, then the
+  ``DistributedOptimizer``'s ``reduce_gradients``, ``clip_grad_norm(1.0)``,
+  ``step`` (fused AdamW) and ``zero_grad``, with the trainer's default hyperparameters;
+- transformers as HF Trainer runs it: ``model(input_ids, labels=input_ids).loss``
+  (HF's own shifted loss), backward, ``torch.nn.utils.clip_grad_norm_(…, 1.0)``
+  (``max_grad_norm``), and the default optimizer ``adamw_torch_fused``:
+  ``torch.optim.AdamW(fused=True)`` with TrainingArguments' defaults.
+
+Both see ``seq_len`` input tokens per sequence. Their steps alternate, first one
+model first and then the other, so that load from other processes hits both
+alike. Prints one JSON object with tokens/s (median over the timed steps, warmup
+excluded) per model and precision, and the ratio megamix / transformers.
 
     python bench/train_step.py --steps 10 --seq-len 512 --batch 4 --precision both
 """
@@ -16,16 +26,16 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 import transformers
 
-from megamix.config import ModelConfig
+from megamix.config import ModelConfig, TrainConfig
 from megamix.models import HybridModel
+from megamix.parallel import DistributedOptimizer, ParallelState, vocab_parallel_cross_entropy
 
 MODEL = ModelConfig(pattern="*-*-*-*-", vocab_size=4096, hidden_size=512, num_heads=8, num_kv_heads=4)
+MAX_GRAD_NORM = 1.0  # megamix's train.grad_clip and HF TrainingArguments.max_grad_norm
 
 
 def llama_like(cfg: ModelConfig) -> transformers.LlamaForCausalLM:
@@ -39,40 +49,59 @@ def llama_like(cfg: ModelConfig) -> transformers.LlamaForCausalLM:
     ))
 
 
-class StepTimer:
-    """One model with its optimiser; ``step`` returns the seconds a full training step took."""
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
-    def __init__(self, model: torch.nn.Module, logits_of: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]):
-        self.model = model.train()
-        self.logits_of = logits_of
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def step(self, tokens: torch.Tensor, precision: str) -> float:
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        start = time.perf_counter()
-        with autocast:
-            logits = self.logits_of(self.model, tokens[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()
+class MegamixStep:
+    """``Trainer.train_step`` for one micro-batch in one process: tokens ``[batch, seq + 1]``."""
+
+    def __init__(self):
+        t = TrainConfig()
+        self.model = HybridModel(MODEL).train()
+        self.optimizer = DistributedOptimizer(self.model.named_parameters(), ParallelState.single(), lr=t.lr,
+                                              betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+
+    def __call__(self, tokens: torch.Tensor, precision: str) -> None:
+        with autocast(precision):
+            logits = self.model(tokens[:, :-1])
+        vocab_parallel_cross_entropy(logits, tokens[:, 1:]).mean().backward()
+        self.optimizer.reduce_gradients()
+        self.optimizer.clip_grad_norm(MAX_GRAD_NORM)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        self.optimizer.zero_grad()
+
+
+class TransformersStep:
+    """HF Trainer's step on ``input_ids = labels = tokens[:, :-1]``: the model shifts the labels itself."""
+
+    def __init__(self):
+        self.model = llama_like(MODEL).train()
+        # TrainingArguments defaults: optim="adamw_torch_fused", lr 5e-5, betas (0.9, 0.999), eps 1e-8, no decay
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-5, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=0.0, fused=True)
+
+    def __call__(self, tokens: torch.Tensor, precision: str) -> None:
+        input_ids = tokens[:, :-1]
+        with autocast(precision):
+            loss = self.model(input_ids, labels=input_ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.model.zero_grad(set_to_none=True)
 
 
 def measure(precision: str, args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
-    timers = {
-        "megamix": StepTimer(HybridModel(MODEL), lambda model, tokens: model(tokens)),
-        "transformers": StepTimer(llama_like(MODEL), lambda model, tokens: model(tokens).logits),
-    }
+    steps = {"megamix": MegamixStep(), "transformers": TransformersStep()}
     tokens = torch.randint(0, MODEL.vocab_size, (args.batch, args.seq_len + 1))
-    times: dict[str, list[float]] = {name: [] for name in timers}
-    for step in range(args.warmup + args.steps):
-        order = list(timers.items())[:: 1 if step % 2 else -1]  # neither model always runs second
-        for name, timer in order:
-            seconds = timer.step(tokens, precision)
-            if step >= args.warmup:
-                times[name].append(seconds)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(args.warmup + args.steps):
+        for name, step in list(steps.items())[:: 1 if i % 2 else -1]:  # neither model always runs second
+            start = time.perf_counter()
+            step(tokens, precision)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
     tokens_per_s = {name: args.batch * args.seq_len / statistics.median(t) for name, t in times.items()}
     return {**{f"{name}_tokens_per_s": round(v, 1) for name, v in tokens_per_s.items()},
             "ratio": round(tokens_per_s["megamix"] / tokens_per_s["transformers"], 3)}

@@ -9,8 +9,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from megamix.config import ModelConfig, load_config
 from megamix.errors import ConfigError
 from megamix.models import HybridModel
+from megamix.nn import rotary_tables
+from megamix.nn.attention import SplitRotaryFunction
 from megamix.nn.mlp import SiluGateFunction
 from megamix.nn.norms import RMSNormFunction
+from megamix.parallel import NO_TENSOR_PARALLEL, tensor_parallel, vocab_parallel_cross_entropy
 
 aten = torch.ops.aten
 
@@ -86,6 +89,25 @@ def test_hand_written_backward_passes_match_autograd():
     weight = torch.randn(16, dtype=torch.float64, generator=generator, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-5), (x, weight))
     assert torch.autograd.gradcheck(SiluGateFunction.apply, (x,))
+    cos, sin = (table.double() for table in rotary_tables(torch.arange(3), 4, 10000.0))
+    assert torch.autograd.gradcheck(lambda x: SplitRotaryFunction.apply(x, [2, 1, 1], cos, sin), (x,))
+
+
+def test_chunked_loss_matches_cross_entropy(monkeypatch):
+    monkeypatch.setattr(tensor_parallel, "LOSS_CHUNK_ELEMENTS", 1000)  # 3 rows of 301 logits per chunk
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 301, (3, 7), generator=generator)
+    logits = torch.randn(3, 7, 301, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: vocab_parallel_cross_entropy(x, targets), (logits,))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (4 * logits.detach()).to(dtype).requires_grad_()
+        loss = vocab_parallel_cross_entropy(x, targets, NO_TENSOR_PARALLEL)
+        (grad,) = torch.autograd.grad(loss.mean(), x)
+        expected = F.cross_entropy(x.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        (expected_grad,) = torch.autograd.grad(expected.mean(), x)
+        assert loss.dtype == torch.float32 and grad.dtype == dtype
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-7 if dtype == torch.float32 else 1e-6)
 
 
 def test_rmsnorm_computes_in_fp32_and_returns_the_input_dtype():

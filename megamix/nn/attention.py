@@ -29,6 +29,36 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return out.transpose(1, 2)
 
 
+class SplitRotaryFunction(torch.autograd.Function):
+    """``qkv [batch, seq, (heads + 2·kv_heads)·head_dim] → rope(q), rope(k), v``, each a contiguous
+    ``[batch, seq, heads_i, head_dim]`` (``heads`` lists the widths of [q | k | v] in heads).
+
+    The attention kernel runs measurably faster on separate contiguous q, k, v
+    than on views into the fused qkv output. Backward rotates dq and dk back and
+    copies dv straight into the parts of one ``d qkv`` buffer, where autograd
+    through split, rotary and copy would make separate gradients and concatenate them.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: list[int], cos: torch.Tensor, sin: torch.Tensor):
+        batch, seq, _ = qkv.shape
+        q, k, v = qkv.view(batch, seq, sum(heads), -1).split(heads, dim=2)
+        ctx.heads = heads
+        ctx.save_for_backward(cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        batch, seq, _, head_dim = grad_q.shape
+        grad_qkv = grad_q.new_empty(batch, seq, sum(ctx.heads), head_dim)
+        into_q, into_k, into_v = grad_qkv.split(ctx.heads, dim=2)
+        apply_rotary(grad_q, cos, -sin, out=into_q)
+        apply_rotary(grad_k, cos, -sin, out=into_k)
+        into_v.copy_(grad_v)
+        return grad_qkv.view(batch, seq, -1), None, None, None
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention with rotary embeddings.
 
@@ -56,11 +86,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         batch, seq, _ = qkv.shape  # the full sequence, gathered under SP
-        q, k, v = qkv.view(batch, seq, -1, self.head_dim).split(self.local_heads, dim=2)
-        q, k = apply_rotary(q, ctx.rope_cos, ctx.rope_sin), apply_rotary(k, ctx.rope_cos, ctx.rope_sin)
-        # Attention kernels run measurably faster on separate contiguous q, k, v than on
-        # views into the fused qkv output (rotary has already copied q and k).
-        out = causal_attention(q, k, v.contiguous())
+        out = causal_attention(*SplitRotaryFunction.apply(qkv, self.local_heads, ctx.rope_cos, ctx.rope_sin))
         return self.out_proj(out.reshape(batch, seq, -1))
 
     def flops_per_token(self, seq_len: int) -> int:

@@ -21,10 +21,18 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple
     return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [batch, seq, heads, head_dim]`` by the tables of :func:`rotary_tables`.
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate ``x [batch, seq, heads, head_dim]`` by the tables of :func:`rotary_tables`, into ``out`` if given.
 
-    [x₁ | x₂] → [x₁·cos a − x₂·sin a | x₂·cos a + x₁·sin a] = x·cos + roll(x, head_dim/2)·sin
+    [x₁ | x₂] → [x₁·cos a − x₂·sin a | x₂·cos a + x₁·sin a] = x·cos + roll(x, head_dim/2)·sin,
+    computed half by half (two multiply-adds per element, no rolled copy of x).
+    The inverse rotation (the backward pass) is ``apply_rotary(grad, cos, -sin)``.
     """
+    half = x.shape[-1] // 2
     cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # broadcast over heads
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    x1, x2, y1, y2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos[..., :half], out=y1).addcmul_(x2, sin[..., :half])
+    torch.mul(x2, cos[..., half:], out=y2).addcmul_(x1, sin[..., half:])
+    return out

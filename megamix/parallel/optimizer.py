@@ -120,7 +120,8 @@ class DistributedOptimizer:
         total = torch.zeros((), dtype=torch.float64)
         for slot in self.slots:
             grad = slot.shard.grad
-            per_row = grad.double().square().reshape(grad.shape[0], -1).sum(dim=1)
+            # squares summed per row in the gradient's precision, rows accumulated in fp64
+            per_row = torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1).double().square()
             weights = slot.sharding.row_weights(slot.param.shape[0])[slot.start:slot.end]
             total += (per_row * weights.double()).sum()
         if self.shard:
