@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from megamix.config import Config, config_from_dict
 from megamix.data import BlendedSamples, IndexedDataset, SampleStream, Tokenizer, default_cache_dir, ensure_builtin
 from megamix.errors import CheckpointError, ConfigError, TrainingError
 from megamix.models import HybridModel
-from megamix.parallel import DistributedOptimizer, Group, ParallelState, init_distributed, sharding_of
+from megamix.parallel import DistributedOptimizer, Group, ParallelState, check_layout, init_distributed, sharding_of
 from megamix.parallel import vocab_parallel_cross_entropy
 from megamix.parallel.checkpointing import GlobalPieces
 from megamix.parallel.pipeline import PipelineSchedule, split_layers, stage_specs
@@ -70,6 +71,9 @@ class Trainer:
         self.config = config
         self.stop = stop
         t = config.train
+        p = config.parallel
+        # refuse a layout that does not fit the processes before any process group starts
+        check_layout(int(os.environ.get("WORLD_SIZE", "1")), p.tp, p.pp, p.cp, p.ep)
         self.device = pick_device(t.device)
         init_distributed(self.device)
         self.parallel = build_parallel_state(config)
