@@ -117,15 +117,6 @@ class ParallelState:
         return cls(world, rank, sequence_parallel=sequence_parallel and tp > 1, **groups)
 
 
-def _coordinates(rank: int, sizes: list[int]) -> list[int]:
-    """Mixed-radix digits of ``rank``, the last size varying fastest."""
-    digits = []
-    for size in reversed(sizes):
-        digits.append(rank % size)
-        rank //= size
-    return digits[::-1]
-
-
 def _rank_of(layout: dict[str, int], coords: dict[str, int]) -> int:
     rank = 0
     for name, size in layout.items():
@@ -142,7 +133,6 @@ def _group_along(layout: dict[str, int], rank: int, dims: list[str],
     group of this kind in the same order and keeps the one that contains it.
     """
     only = only or {}
-    mine = dict(zip(layout, _coordinates(rank, list(layout.values()))))
     fixed = [name for name in layout if name not in dims]
     found = SINGLE
     for fixed_values in itertools.product(*(range(layout[n]) for n in fixed)):
