@@ -50,13 +50,15 @@ def mark_tied_across_stages(param: torch.Tensor) -> None:
     set_sharding(param, dataclasses.replace(sharding_of(param), stage_copies=2))
 
 
-def split_layers(pattern: str, num_stages: int, layer_costs: list[float], head_cost: float) -> list[list[int]]:
+def split_layers(pattern: str, num_stages: int, layer_costs: list[float]) -> list[list[int]]:
     """Global layer indices of each of ``num_stages`` contiguous stages.
 
     With ``|`` marks in the pattern the stages are exactly the marked segments, and
     their number must equal ``num_stages``. Otherwise the layers are cut where the
-    most expensive stage is cheapest (``layer_costs`` per layer, ``head_cost`` added
-    to the last stage). Never silently changes the layout: an impossible split is an error.
+    most expensive stage is cheapest, by ``layer_costs`` (one per layer; the
+    embedding's cost belongs in the first layer's, the head's and loss's in the
+    last's, since those always share a stage). Never silently changes the layout:
+    an impossible split is an error.
     """
     num_layers = len(layer_costs)
     if STAGE_MARK in pattern:
@@ -73,12 +75,12 @@ def split_layers(pattern: str, num_stages: int, layer_costs: list[float], head_c
     if num_layers < num_stages:
         raise ConfigError(f"model.pattern has {num_layers} layers, fewer than parallel.pp × parallel.vpp = "
                           f"{num_stages} stages")
-    return _min_max_partition(layer_costs, num_stages, head_cost)
+    return _min_max_partition(layer_costs, num_stages)
 
 
-def _min_max_partition(costs: list[float], parts: int, last_extra: float) -> list[list[int]]:
-    """Contiguous partition of ``costs`` into ``parts`` non-empty runs minimising the largest run
-    (the last run also carries ``last_extra``); dynamic programming over cut points."""
+def _min_max_partition(costs: list[float], parts: int) -> list[list[int]]:
+    """Contiguous partition of ``costs`` into ``parts`` non-empty runs minimising the largest run;
+    dynamic programming over cut points."""
     n = len(costs)
     prefix = [0.0]
     for cost in costs:
@@ -90,9 +92,8 @@ def _min_max_partition(costs: list[float], parts: int, last_extra: float) -> lis
     best[0][0] = 0.0
     for k in range(1, parts + 1):
         for i in range(k, n - (parts - k) + 1):
-            extra = last_extra if k == parts else 0.0
             for j in range(k - 1, i):
-                value = max(best[k - 1][j], prefix[i] - prefix[j] + extra)
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
                 if value < best[k][i]:
                     best[k][i], cut[k][i] = value, j
     stages, end = [], n

@@ -32,6 +32,7 @@ from megamix.parallel.pipeline import PipelineSchedule, split_layers, stage_spec
 from megamix.parallel.comm import all_reduce
 from megamix.train.device import peak_flops, peak_memory_mb, pick_device
 from megamix.train.metrics import MetricsLogger
+from megamix.train.stage_costs import measured_layer_costs
 from megamix.train.schedule import learning_rate, set_learning_rate
 
 
@@ -101,10 +102,9 @@ class Trainer:
         if self.parallel.pp.size == 1:
             stages, pipeline = [build()], None
         else:
-            plan = HybridModel(c.model, device=torch.device("meta"))
-            costs = [layer.flops_per_token(c.data.seq_len) for layer in plan.layers.values()]
-            split = split_layers(c.model.pattern, c.parallel.pp * c.parallel.vpp, costs,
-                                 head_cost=2 * c.model.hidden_size * c.model.vocab_size)
+            world = Group(torch.distributed.group.WORLD, self.parallel.rank, self.parallel.world_size)
+            costs = measured_layer_costs(c.model, t.micro_batch_size, c.data.seq_len, self.device, world)
+            split = split_layers(c.model.pattern, c.parallel.pp * c.parallel.vpp, costs)
             specs = stage_specs(split, self.parallel)
             stages = [build(stage=spec) for spec in specs]
             pipeline = PipelineSchedule(stages, specs, self.parallel, self.device, self.micro_batches,
