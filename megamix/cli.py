@@ -61,6 +61,12 @@ def _prepare_data(args: argparse.Namespace) -> int:
     return prepare.run(args)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from megamix import convert
+
+    return convert.run(args)
+
+
 def _launch(args: argparse.Namespace) -> int:
     from megamix_launch import cli
 
@@ -91,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     prepare.add_arguments(data)
     data.set_defaults(handler=_prepare_data)
+
+    from megamix import convert
+
+    conversion = commands.add_parser("convert", help="convert Hugging Face Llama checkpoints to megamix and back")
+    convert.add_arguments(conversion)
+    conversion.set_defaults(handler=_convert)
 
     from megamix_launch import cli as launch_cli
 

@@ -4,16 +4,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 from megamix.config import ModelConfig, load_config
+from megamix.convert.llama import megamix_from_hf
 from megamix.errors import ConfigError
 from megamix.models import HybridModel
 from megamix.nn import rotary_tables
 from megamix.nn.attention import SplitRotaryFunction
 from megamix.nn.mlp import SiluGateFunction
 from megamix.nn.norms import RMSNormFunction
-from megamix.parallel import NO_TENSOR_PARALLEL, tensor_parallel, vocab_parallel_cross_entropy
+from megamix.parallel import (
+    NO_TENSOR_PARALLEL,
+    tensor_parallel,
+    vocab_parallel_cross_entropy,
+)
 
 aten = torch.ops.aten
 
@@ -213,19 +222,7 @@ def test_logits_match_hf_llama():
 
     ours = HybridModel(cfg).eval()
     hf_weights = {name: p.detach() for name, p in hf.named_parameters()}
-    converted = {"embed.weight": hf_weights["model.embed_tokens.weight"],
-                 "norm.weight": hf_weights["model.norm.weight"], "lm_head.weight": hf_weights["lm_head.weight"]}
-    for block in range(hf_config.num_hidden_layers):
-        hf_layer, attention, mlp = f"model.layers.{block}", f"layers.{2 * block}", f"layers.{2 * block + 1}"
-        get = lambda *names: torch.cat([hf_weights[f"{hf_layer}.{n}.weight"] for n in names])
-        converted |= {
-            f"{attention}.norm.weight": get("input_layernorm"),
-            f"{attention}.mixer.qkv_proj.weight": get("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            f"{attention}.mixer.out_proj.weight": get("self_attn.o_proj"),
-            f"{mlp}.norm.weight": get("post_attention_layernorm"),
-            f"{mlp}.mixer.gate_up_proj.weight": get("mlp.gate_proj", "mlp.up_proj"),
-            f"{mlp}.mixer.down_proj.weight": get("mlp.down_proj"),
-        }
+    converted = megamix_from_hf(cfg, hf_weights.__getitem__)  # q|k|v and gate|up stacked; no rotary permutation
     ours.load_state_dict(converted, strict=True)
 
     tokens = random_tokens(2, 23, cfg.vocab_size)

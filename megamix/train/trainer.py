@@ -152,6 +152,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} holds a different model: {'; '.join(diff)}; "
                                   f"use train.resume=none or another checkpoint.dir")
         entries = self._checkpoint_entries()
+        if "rng.cuda" not in checkpoint.read_metadata(path).state_dict_metadata:
+            entries.pop("rng.cuda", None)  # saved on a CPU (or converted): keep this GPU's generator as seeded
         checkpoint.load_checkpoint(path, entries)
         self.optimizer.after_checkpoint_load()
         torch.set_rng_state(entries["rng.cpu"])
