@@ -19,10 +19,8 @@ from megamix.parallel import (
     mark_sequence_parallel,
     sharding_of,
 )
-from megamix.parallel.pipeline import StageSpec, mark_tied_across_stages
+from megamix.parallel.pipeline import STAGE_MARK, StageSpec, mark_tied_across_stages
 from megamix.parallel.sharding import materialize
-
-PIPELINE_STAGE_BOUNDARY = "|"
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ class HybridModel(nn.Module):
         self.hidden_size, self.vocab_size = cfg.hidden_size, cfg.vocab_size
         self.tp = tp
         self.recompute = False
-        kinds = cfg.pattern.replace(PIPELINE_STAGE_BOUNDARY, "")
+        kinds = cfg.pattern.replace(STAGE_MARK, "")
         self.takes_tokens = stage is None or stage.is_first
         self.returns_logits = stage is None or stage.is_last
         with torch.device("meta"):

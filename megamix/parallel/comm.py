@@ -9,7 +9,6 @@ With SP the activations between the pairs are sharded along the sequence (dim 1)
 
     gather_sequence          forward all-gather       backward reduce-scatter
     reduce_scatter_sequence  forward reduce-scatter   backward all-gather
-    scatter_sequence         forward keep own chunk   backward all-gather
 
 All calls go through :func:`_issue`, which a :class:`CommRecorder` can tally.
 """
@@ -39,12 +38,10 @@ class CommRecorder:
     """
 
     calls: Counter = field(default_factory=Counter)
-    payload_bytes: Counter = field(default_factory=Counter)
     bytes_sent: float = 0.0
 
     def record(self, kind: str, group_size: int, full_bytes: int) -> None:
         self.calls[(kind, group_size)] += 1
-        self.payload_bytes[kind] += full_bytes
         factor = 2 * (group_size - 1) / group_size if kind == "all_reduce" else (group_size - 1) / group_size
         self.bytes_sent += factor * full_bytes
 
@@ -109,15 +106,6 @@ def reduce_scatter(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
     return out.movedim(0, dim).contiguous()
 
 
-def local_chunk(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
-    """This rank's equal chunk of ``x`` along ``dim`` (no communication)."""
-    if group.size == 1:
-        return x
-    if x.shape[dim] % group.size:
-        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {group.size} ranks")
-    return x.chunk(group.size, dim)[group.rank].contiguous()
-
-
 # ---------------------------------------------------------------------------
 # Autograd functions
 
@@ -157,12 +145,7 @@ def _reduce_scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
     return reduce_scatter(x, group, dim=1)
 
 
-def _own_seq_chunk(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return local_chunk(x, group, dim=1)
-
-
 copy_to_tp = _autograd_pair(_identity, _sum)
 reduce_from_tp = _autograd_pair(_sum, _identity)
 gather_sequence = _autograd_pair(_gather_seq, _reduce_scatter_seq)
 reduce_scatter_sequence = _autograd_pair(_reduce_scatter_seq, _gather_seq)
-scatter_sequence = _autograd_pair(_own_seq_chunk, _gather_seq)

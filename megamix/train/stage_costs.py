@@ -17,9 +17,9 @@ import torch
 
 from megamix.config import ModelConfig
 from megamix.models import HybridModel
-from megamix.models.hybrid import PIPELINE_STAGE_BOUNDARY
 from megamix.parallel import Group, vocab_parallel_cross_entropy
 from megamix.parallel.comm import all_reduce
+from megamix.parallel.pipeline import STAGE_MARK
 
 
 def _seconds(run: Callable[[], torch.Tensor], repeats: int = 2) -> float:
@@ -37,7 +37,7 @@ def measured_layer_costs(cfg: ModelConfig, micro_batch: int, seq_len: int, devic
                          world: Group) -> list[float]:
     """Seconds per micro-batch of each layer of ``cfg.pattern``; the embedding's added to the first
     layer, the final norm, head and loss's to the last."""
-    kinds = cfg.pattern.replace(PIPELINE_STAGE_BOUNDARY, "")
+    kinds = cfg.pattern.replace(STAGE_MARK, "")
     distinct = "".join(dict.fromkeys(kinds))
     probe = HybridModel(dataclasses.replace(cfg, pattern=distinct), device=device)
     tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device=device)
