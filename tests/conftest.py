@@ -1,6 +1,16 @@
-"""Shared fixtures: the builtin corpus is prepared once per test session."""
+"""Shared fixtures: the builtin corpus is prepared once per test session.
+
+Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors; the variable
+must be set before any kernel module is imported (``triton.jit`` reads it then).
+"""
+
+import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from megamix.data import ensure_builtin
 
