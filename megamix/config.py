@@ -21,6 +21,58 @@ from megamix.errors import ConfigError
 
 
 @dataclass
+class LightningConfig:
+    """``L`` layers (TransNormerLLM token mixer); they use ``model.num_heads`` heads of ``model.head_dim``."""
+
+    decay: Literal["tnl", "alibi"] = "tnl"  # per-head decay schedule, see megamix.nn.lightning.lightning_log_decay
+
+
+@dataclass
+class MambaConfig:
+    """``M`` layers (Mamba-2 mixer). d_inner = num_heads · head_dim (default expand · hidden_size)."""
+
+    state_size: int = 128  # N
+    head_dim: int = 64  # P
+    num_heads: int | None = None  # None: expand · hidden_size / head_dim
+    expand: int = 2
+    num_groups: int = 1  # G: groups of heads sharing B and C
+    conv_kernel: int = 4
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+
+    @property
+    def d_inner(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+@dataclass
+class MoEConfig:
+    """``E`` layers (mixture-of-experts MLP); each expert is a SwiGLU of ``ffn_hidden_size``."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    ffn_hidden_size: int | None = None  # None: model.ffn_hidden_size
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    normalize_top_k: bool = True  # renormalise the chosen experts' scores to sum to 1
+    aux_loss_coeff: float = 0.01  # Switch load-balancing loss
+    aux_loss_type: Literal["batch", "sequence"] = "batch"  # balance over the micro-batch or per sequence
+    z_loss_coeff: float = 0.001  # router z-loss
+    bias_update_rate: float = 0.0  # > 0: auxiliary-loss-free balancing by a per-expert selection bias
+    shared_experts: int = 0  # experts every token uses
+    capacity_factor: float | None = None  # None: dropless
+    drop_policy: Literal["probability", "position"] = "probability"
+
+
+@dataclass
+class MoHConfig:
+    """``H`` layers (mixture-of-head attention) over ``model.num_heads`` heads."""
+
+    shared_heads: int = 2  # always active
+    routed_top_k: int = 1  # routed heads active per token, chosen from the other heads
+    aux_loss_coeff: float = 0.01
+
+
+@dataclass
 class ModelConfig:
     """Architecture. ``pattern`` has one character per residual layer (DESIGN.md §2)."""
 
@@ -33,8 +85,14 @@ class ModelConfig:
     ffn_hidden_size: int | None = None  # None: 8/3·hidden rounded up to a multiple of 64 (Llama)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rotary: bool = True  # false: attention without position embeddings (the Mamba-2-Hybrid models)
     tie_embeddings: bool = False
     init_std: float = 0.02
+    mlp: Literal["swiglu", "sglu"] = "swiglu"  # `-` layers: SiLU-gated (Llama) or ungated SGLU (TransNormerLLM)
+    lightning: LightningConfig = field(default_factory=LightningConfig)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    moh: MoHConfig = field(default_factory=MoHConfig)
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -43,6 +101,10 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_heads
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = -(-(8 * self.hidden_size // 3) // 64) * 64
+        if self.moe.ffn_hidden_size is None:
+            self.moe.ffn_hidden_size = self.ffn_hidden_size
+        if self.mamba.num_heads is None and self.mamba.head_dim > 0:
+            self.mamba.num_heads = self.mamba.expand * self.hidden_size // self.mamba.head_dim
 
     @property
     def num_layers(self) -> int:
@@ -294,6 +356,43 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_mamba(mb: MambaConfig, tp: int) -> None:
+    for key in ("state_size", "head_dim", "num_heads", "num_groups", "conv_kernel"):
+        _require(getattr(mb, key) > 0, f"model.mamba.{key}: must be positive, got {getattr(mb, key)}")
+    _require(mb.num_heads % mb.num_groups == 0,
+             f"model.mamba.num_heads ({mb.num_heads}) must be divisible by model.mamba.num_groups ({mb.num_groups})")
+    _require(mb.num_groups % tp == 0,
+             f"model.mamba.num_groups ({mb.num_groups}) must be divisible by parallel.tp ({tp}): each tensor-parallel "
+             f"rank holds whole groups of heads with their B and C (Megatron-Core's rule)")
+    _require(0 < mb.dt_min <= mb.dt_max, f"model.mamba: need 0 < dt_min <= dt_max, got {mb.dt_min}, {mb.dt_max}")
+
+
+def _validate_moe(moe: MoEConfig, p: ParallelConfig) -> None:
+    _require(moe.num_experts > 0 and 0 < moe.top_k <= moe.num_experts,
+             f"model.moe: need num_experts > 0 and 0 < top_k <= num_experts, got {moe.num_experts}, {moe.top_k}")
+    _require(moe.num_experts % p.ep == 0,
+             f"model.moe.num_experts ({moe.num_experts}) must be divisible by parallel.ep ({p.ep})")
+    _require(moe.ffn_hidden_size > 0 and moe.ffn_hidden_size % p.tp == 0,
+             f"model.moe.ffn_hidden_size ({moe.ffn_hidden_size}) must be positive and divisible by parallel.tp ({p.tp})")
+    _require(moe.shared_experts >= 0, f"model.moe.shared_experts: must be >= 0, got {moe.shared_experts}")
+    _require(moe.capacity_factor is None or moe.capacity_factor > 0,
+             f"model.moe.capacity_factor: must be > 0 or null (dropless), got {moe.capacity_factor}")
+    for key in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
+        _require(getattr(moe, key) >= 0, f"model.moe.{key}: must be >= 0, got {getattr(moe, key)}")
+
+
+def _validate_moh(m: ModelConfig, tp: int) -> None:
+    moh, routed = m.moh, m.num_heads - m.moh.shared_heads
+    _require(0 <= moh.shared_heads <= m.num_heads and 0 <= moh.routed_top_k <= routed,
+             f"model.moh: need 0 <= shared_heads <= num_heads ({m.num_heads}) and 0 <= routed_top_k <= the "
+             f"{routed} routed heads, got shared_heads={moh.shared_heads}, routed_top_k={moh.routed_top_k}")
+    _require(moh.shared_heads + moh.routed_top_k > 0, "model.moh: at least one head must be active")
+    _require(moh.shared_heads % tp == 0 and routed % tp == 0,
+             f"model.moh: shared heads ({moh.shared_heads}) and routed heads ({routed}) must each be divisible by "
+             f"parallel.tp ({tp}): every tensor-parallel rank holds its share of both")
+    _require(moh.aux_loss_coeff >= 0, f"model.moh.aux_loss_coeff: must be >= 0, got {moh.aux_loss_coeff}")
+
+
 def validate(c: Config) -> None:
     from megamix.models.hybrid import LAYER_KINDS, describe_layer_kinds
 
@@ -309,6 +408,13 @@ def validate(c: Config) -> None:
     _require(m.head_dim % 2 == 0, f"model.head_dim must be even for rotary embeddings, got {m.head_dim}")
     _require(m.norm_eps > 0 and m.init_std > 0 and m.rope_theta > 0,
              "model.norm_eps, model.init_std and model.rope_theta must be positive")
+
+    if "M" in m.pattern:
+        _validate_mamba(m.mamba, p.tp)
+    if "E" in m.pattern:
+        _validate_moe(m.moe, p)
+    if "H" in m.pattern:
+        _validate_moh(m, p.tp)
 
     for key in ("tp", "pp", "vpp", "cp", "ep"):
         _require(getattr(p, key) >= 1, f"parallel.{key}: must be >= 1, got {getattr(p, key)}")

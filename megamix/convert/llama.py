@@ -58,11 +58,15 @@ def model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
 
 
 def check_llama_pattern(m: ModelConfig) -> None:
-    """Only attention/MLP pairs map onto Llama blocks; ``|`` (a pipeline boundary) does not matter."""
+    """Only attention/MLP pairs with rotary embeddings and SwiGLU map onto Llama blocks; ``|`` (a pipeline
+    boundary) does not matter."""
     pattern = m.pattern.replace("|", "")
     if pattern != "*-" * (len(pattern) // 2):
         raise ConfigError(f"model.pattern {m.pattern!r} is not a Llama model; only pure '*-' repeats convert to "
                           f"{ARCHITECTURE}")
+    if not m.rotary or m.mlp != "swiglu":
+        raise ConfigError(f"model.rotary={m.rotary}, model.mlp={m.mlp}: {ARCHITECTURE} needs rotary embeddings "
+                          f"and SwiGLU MLPs")
 
 
 def hf_config_from_model(m: ModelConfig, dtype: torch.dtype, max_positions: int) -> dict[str, Any]:

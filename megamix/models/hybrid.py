@@ -9,9 +9,23 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megamix.config import ModelConfig
-from megamix.nn import Attention, ForwardContext, RMSNorm, SwiGLU, init_parameters, rotary_tables
+from megamix.nn import (
+    Attention,
+    ForwardContext,
+    GatedMLP,
+    LightningAttention,
+    Mamba2Mixer,
+    RMSNorm,
+    init_parameters,
+    rotary_tables,
+)
+from megamix.nn.aux_loss import AuxLosses
+from megamix.nn.lightning import lightning_log_decay
+from megamix.nn.moe import MoE
 from megamix.parallel import (
     NO_TENSOR_PARALLEL,
+    SINGLE,
+    Group,
     ColumnParallelLinear,
     TensorParallel,
     VocabParallelEmbedding,
@@ -25,16 +39,39 @@ from megamix.parallel.sharding import materialize
 
 @dataclass(frozen=True)
 class LayerKind:
-    """What a pattern character builds: a readable name and the mixer built from the model config
-    and the tensor-parallel group."""
+    """What a pattern character builds: a readable name and the mixer built from the model config,
+    the tensor-parallel group, the layer's index in the pattern and the expert-parallel group."""
 
     name: str
-    build: Callable[[ModelConfig, TensorParallel], nn.Module]
+    build: Callable[[ModelConfig, TensorParallel, int, Group], nn.Module]
+
+
+def _lightning(c: ModelConfig, tp: TensorParallel, index: int, ep: Group) -> LightningAttention:
+    log_decay = lightning_log_decay(c.lightning.decay, c.num_heads, index, c.num_layers)
+    return LightningAttention(c.hidden_size, c.num_heads, c.head_dim, log_decay, c.norm_eps, tp)
+
+
+def _mamba(c: ModelConfig, tp: TensorParallel, index: int, ep: Group) -> Mamba2Mixer:
+    m = c.mamba
+    return Mamba2Mixer(c.hidden_size, m.num_heads, m.head_dim, m.state_size, m.num_groups, m.conv_kernel,
+                       (m.dt_min, m.dt_max), c.norm_eps, tp)
+
+
+def _moe(c: ModelConfig, tp: TensorParallel, index: int, ep: Group) -> MoE:
+    m = c.moe
+    return MoE(c.hidden_size, m.ffn_hidden_size, m.num_experts, m.top_k, score=m.score,
+               normalize_top_k=m.normalize_top_k, aux_loss_coeff=m.aux_loss_coeff, aux_loss_type=m.aux_loss_type,
+               z_loss_coeff=m.z_loss_coeff, bias_update_rate=m.bias_update_rate, num_shared_experts=m.shared_experts,
+               capacity_factor=m.capacity_factor, drop_policy=m.drop_policy, name=f"layers.{index}", tp=tp, ep=ep)
 
 
 LAYER_KINDS: dict[str, LayerKind] = {
-    "*": LayerKind("attention", lambda c, tp: Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, tp)),
-    "-": LayerKind("mlp", lambda c, tp: SwiGLU(c.hidden_size, c.ffn_hidden_size, tp)),
+    "*": LayerKind("attention",
+                   lambda c, tp, i, ep: Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, tp)),
+    "L": LayerKind("lightning", _lightning),
+    "M": LayerKind("mamba2", _mamba),
+    "-": LayerKind("mlp", lambda c, tp, i, ep: GatedMLP(c.hidden_size, c.ffn_hidden_size, tp, c.mlp)),
+    "E": LayerKind("moe", _moe),
 }
 
 
@@ -69,8 +106,11 @@ class HybridModel(nn.Module):
     first, so no time goes to torch's default initialisation); on ``device="meta"``
     they stay uninitialised.
     Set ``recompute = True`` to recompute each residual layer's activations in
-    the backward pass instead of storing them (training mode only).
+    the backward pass instead of storing them (training mode only). Routed layers
+    attach their auxiliary losses through ``aux`` (:class:`~megamix.nn.aux_loss.AuxLosses`),
+    which also keeps their values for the metrics.
 
+    Under expert parallelism each MoE layer holds its share of the experts of the ``ep`` group.
     With tensor parallelism ``tp`` the embedding, mixers and head are split over its
     ranks (see :mod:`megamix.parallel`) and the logits are the rank's vocabulary
     shard ``[batch, seq, vocab / tp]``, for :func:`~megamix.parallel.vocab_parallel_cross_entropy`.
@@ -82,13 +122,14 @@ class HybridModel(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
-                 tp: TensorParallel = NO_TENSOR_PARALLEL, stage: StageSpec | None = None):
+                 tp: TensorParallel = NO_TENSOR_PARALLEL, stage: StageSpec | None = None, ep: Group = SINGLE):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.rope_theta = cfg.rope_theta
+        self.rope_theta = cfg.rope_theta if cfg.rotary else None
         self.hidden_size, self.vocab_size = cfg.hidden_size, cfg.vocab_size
         self.tp = tp
         self.recompute = False
+        self.aux = AuxLosses()
         kinds = cfg.pattern.replace(STAGE_MARK, "")
         self.takes_tokens = stage is None or stage.is_first
         self.returns_logits = stage is None or stage.is_last
@@ -96,7 +137,7 @@ class HybridModel(nn.Module):
             if self.takes_tokens or (self.returns_logits and cfg.tie_embeddings):
                 self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
             self.layers = nn.ModuleDict(
-                (str(i), ResidualLayer(RMSNorm(cfg.hidden_size, cfg.norm_eps), LAYER_KINDS[kinds[i]].build(cfg, tp)))
+                (str(i), ResidualLayer(RMSNorm(cfg.hidden_size, cfg.norm_eps), LAYER_KINDS[kinds[i]].build(cfg, tp, i, ep)))
                 for i in (range(len(kinds)) if stage is None else stage.layers)
             )
             if self.returns_logits:
@@ -130,9 +171,11 @@ class HybridModel(nn.Module):
         return column_parallel_linear(x, self.embed.weight, self.tp)
 
     def forward_context(self, seq_len: int, device: torch.device) -> ForwardContext:
-        """What every mixer of this forward shares: the rotary tables of positions 0 … seq_len − 1."""
-        cos, sin = rotary_tables(torch.arange(seq_len, device=device), self.head_dim, self.rope_theta)
-        return ForwardContext(rope_cos=cos, rope_sin=sin)
+        """What every mixer of this forward shares: the rotary tables of positions 0 … seq_len − 1
+        (without rotary embeddings, every position's angle is 0: the rotation is the identity)."""
+        positions = torch.arange(seq_len, device=device) if self.rope_theta else torch.zeros(seq_len, device=device)
+        cos, sin = rotary_tables(positions, self.head_dim, self.rope_theta or 1.0)
+        return ForwardContext(rope_cos=cos, rope_sin=sin, aux=self.aux)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count of the whole model (all TP shards), optionally without the input embedding

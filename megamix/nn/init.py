@@ -11,12 +11,14 @@ import math
 import torch
 from torch import nn
 
-from megamix.nn.norms import RMSNorm
+from megamix.nn.norms import GatedRMSNorm, RMSNorm
 from megamix.parallel import sharding_of
 
 # Projections whose output is added to the residual stream: their std shrinks
 # with depth so the stream's variance stays O(1) (GPT-2, Megatron).
 RESIDUAL_OUTPUT_PROJECTIONS = ("out_proj", "down_proj")
+# Norms whose weight scales the normalised values: it starts at 1.
+SCALED_NORMS = (RMSNorm, GatedRMSNorm)
 
 
 def parameter_generator(seed: int, name: str) -> torch.Generator:
@@ -27,19 +29,30 @@ def parameter_generator(seed: int, name: str) -> torch.Generator:
 
 @torch.no_grad()
 def init_parameters(model: nn.Module, seed: int, std: float, num_layers: int) -> None:
-    """Norm weights ← 1; residual output projections ← N(0, std/√(2·num_layers)); others ← N(0, std).
+    """Norm weights ← 1; a parameter whose module has ``initial_value(name, full_shape, generator)``
+    ← what it returns (unless None); residual output projections ← N(0, std/√(2·num_layers));
+    others ← N(0, std). Modules with ``reset_buffers()`` (e.g. MoE's balancing bias) reset their
+    buffers, which come uninitialised off the meta device.
 
     num_layers counts residual layers (pattern characters, so a Llama block ``*-`` is two).
     """
     residual_std = std / math.sqrt(2 * num_layers)
     for name, param in model.named_parameters():
-        module_name = name.rpartition(".")[0]
-        if isinstance(model.get_submodule(module_name), RMSNorm):
+        module_name, _, param_name = name.rpartition(".")
+        owner = model.get_submodule(module_name)
+        if isinstance(owner, SCALED_NORMS):
             param.fill_(1.0)
             continue
-        is_residual_output = module_name.rpartition(".")[2] in RESIDUAL_OUTPUT_PROJECTIONS
         sharding = sharding_of(param)
-        full = torch.empty(sharding.global_shape).normal_(
-            0.0, residual_std if is_residual_output else std, generator=parameter_generator(seed, name)
-        )
+        generator = parameter_generator(seed, name)
+        own_init = getattr(owner, "initial_value", None)  # a layer's own rule, e.g. Mamba-2's A_log
+        full = own_init(param_name, sharding.global_shape, generator) if own_init else None
+        if full is None:
+            is_residual_output = module_name.rpartition(".")[2] in RESIDUAL_OUTPUT_PROJECTIONS
+            full = torch.empty(sharding.global_shape).normal_(
+                0.0, residual_std if is_residual_output else std, generator=generator
+            )
         param.copy_(sharding.take(full))  # the full tensor is drawn on every rank: layout-independent
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()

@@ -1,4 +1,4 @@
-"""Dense MLP mixer (pattern ``-``)."""
+"""Dense gated MLP mixer (pattern ``-``)."""
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,11 @@ class SiluGateFunction(torch.autograd.Function):
         return grad_gate_up
 
 
-class SwiGLU(nn.Module):
-    """y = W_down (silu(W_gate x) ⊙ W_up x), ``x [batch, seq, hidden] → [batch, seq, hidden]``.
+class GatedMLP(nn.Module):
+    """y = W_down (act(W_gate x) ⊙ W_up x), ``x [batch, seq, hidden] → [batch, seq, hidden]``.
+
+    act = SiLU (``"swiglu"``, Llama) or the identity (``"sglu"``, the simple GLU channel
+    mixer of TransNormerLLM).
 
     ``gate_up_proj`` holds W_gate and W_up stacked as ``[gate | up]`` along its
     output dim: one matmul instead of two. Under tensor parallelism each rank holds
@@ -41,15 +44,23 @@ class SwiGLU(nn.Module):
     the matching columns of ``down_proj`` (row-parallel).
     """
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, tp: TensorParallel = NO_TENSOR_PARALLEL):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, tp: TensorParallel = NO_TENSOR_PARALLEL,
+                 kind: str = "swiglu"):
         super().__init__()
+        if kind not in ("swiglu", "sglu"):
+            raise ValueError(f"unknown gated MLP {kind!r}; known: swiglu, sglu")
+        self.silu_gate = kind == "swiglu"
         self.hidden_size = hidden_size
         self.ffn_hidden_size = ffn_hidden_size
         self.gate_up_proj = ColumnParallelLinear(hidden_size, [ffn_hidden_size, ffn_hidden_size], tp)
         self.down_proj = RowParallelLinear(ffn_hidden_size, hidden_size, tp)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.down_proj(SiluGateFunction.apply(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.silu_gate:
+            return self.down_proj(SiluGateFunction.apply(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(gate * up)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs of one token: 2 per multiply-add of the three weight matrices."""

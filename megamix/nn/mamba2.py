@@ -1,0 +1,159 @@
+"""Mamba-2 mixer (pattern ``M``): the SSD state-space layer of "Transformers are SSMs" (Dao & Gu, 2024).
+
+SSD is linear attention with a per-token decay (q = C, k = B, v = Δ·x, log-decay = Δ·A), so it runs on
+the same kernels as Lightning attention, :mod:`megamix_kernels.linear_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamix.nn.context import ForwardContext
+from megamix.nn.norms import GatedRMSNorm
+from megamix.parallel import NO_TENSOR_PARALLEL, ColumnParallelLinear, RowParallelLinear, TensorParallel
+from megamix.parallel.sharding import set_sharding, split_parts
+from megamix_kernels.linear_attention import linear_attention, step
+
+# The kernels' default chunk, for the FLOP count only.
+CHUNK_SIZE = 64
+# Mamba-2's initial state decay rates: A = −U[1, 16] per head.
+A_INIT_RANGE = (1.0, 16.0)
+DT_INIT_FLOOR = 1e-4
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal convolution ``x [batch, seq, channels] → [batch, seq, channels]``:
+    y_t,c = bias_c + Σ_j weight_c,j · x_{t−kernel+1+j, c} (zeros before the start).
+
+    ``weight [channels, 1, kernel]`` and ``bias [channels]``, laid out as ``nn.Conv1d(groups=channels)``
+    and initialised like it (U(±1/√kernel)).
+    """
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
+        self.bias = nn.Parameter(torch.empty(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv1d(x.transpose(1, 2), self.weight, self.bias, padding=self.kernel - 1, groups=x.shape[-1])
+        return y[..., : x.shape[1]].transpose(1, 2)
+
+    def step(self, x: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token ``x [batch, channels]`` with the previous ``kernel − 1`` inputs ``window
+        [batch, channels, kernel − 1]`` → the output ``[batch, channels]`` and the next window."""
+        full = torch.cat([window, x.unsqueeze(-1)], dim=-1)
+        return torch.einsum("bck,ck->bc", full, self.weight.squeeze(1)) + self.bias, full[..., 1:]
+
+    def initial_value(self, name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        bound = 1 / math.sqrt(self.kernel)
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class Mamba2Mixer(nn.Module):
+    """``x [batch, seq, hidden] → [batch, seq, hidden]``, with H heads of P channels (d_inner = H·P),
+    G groups sharing B and C, state size N:
+
+        [z | x | B | C | Δ] = W_in x                          (widths d_inner, d_inner, G·N, G·N, H)
+        [x | B | C] = SiLU(conv1d([x | B | C]))              (depthwise, causal)
+        Δ = softplus(Δ + dt_bias),  A = −exp(A_log)          (per head)
+        h_t = exp(Δ_t A) h_{t−1} + B_t (Δ_t x_t)ᵀ,  y_t = C_t h_t + D x_t     (per head, h [N, P])
+        out = W_out GatedRMSNorm(y, z)                       (norm(y · SiLU(z)) per group of d_inner / G)
+
+    Tensor parallel as Megatron-Core: each rank holds H/tp heads and G/tp whole groups — its
+    slices of every part of W_in, of the conv channels, dt_bias, A_log, D and the norm — so
+    the SSM needs no communication; W_out is row-parallel.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, state_size: int, num_groups: int,
+                 conv_kernel: int, dt_range: tuple[float, float], eps: float,
+                 tp: TensorParallel = NO_TENSOR_PARALLEL):
+        super().__init__()
+        if num_heads % num_groups or num_groups % tp.size:
+            raise ValueError(f"Mamba-2 needs heads ({num_heads}) divisible by groups ({num_groups}) "
+                             f"and groups divisible by tensor-parallel ranks ({tp.size})")
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.state_size, self.num_groups, self.dt_range = state_size, num_groups, dt_range
+        d_inner = num_heads * head_dim
+        conv_parts = [d_inner, num_groups * state_size, num_groups * state_size]
+        self.in_proj = ColumnParallelLinear(hidden_size, [d_inner, *conv_parts, num_heads], tp)
+        self.local_parts = self.in_proj.local_parts  # z, x, B, C, Δ widths on this rank
+        self.local_heads, self.local_groups = num_heads // tp.size, num_groups // tp.size
+        self.conv1d = CausalConv1d(sum(self.local_parts[1:4]), conv_kernel)
+        set_sharding(self.conv1d.weight, split_parts(conv_parts, [tp.size] * 3, tp.rank, tp.size, (1, conv_kernel)))
+        set_sharding(self.conv1d.bias, split_parts(conv_parts, [tp.size] * 3, tp.rank, tp.size, ()))
+        self.dt_bias = nn.Parameter(torch.empty(self.local_heads))
+        self.A_log = nn.Parameter(torch.empty(self.local_heads))
+        self.D = nn.Parameter(torch.empty(self.local_heads))
+        for param in (self.dt_bias, self.A_log, self.D):
+            set_sharding(param, split_parts([num_heads], [tp.size], tp.rank, tp.size, ()))
+        self.norm = GatedRMSNorm(d_inner // tp.size, d_inner // num_groups, eps)
+        set_sharding(self.norm.weight, split_parts([d_inner], [tp.size], tp.rank, tp.size, ()))
+        self.out_proj = RowParallelLinear(d_inner, hidden_size, tp)
+
+    def _ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):
+        """Split the convolved ``[x | B | C] [..., channels]`` and raw ``Δ [..., local_heads]`` into
+        x ``[..., heads, P]``, B and C ``[..., groups, N]``, Δ ``[..., heads]`` and log-decay Δ·A."""
+        x, b, c = xbc.split(self.local_parts[1:4], dim=-1)
+        dt = F.softplus(dt + self.dt_bias)
+        x = x.unflatten(-1, (self.local_heads, self.head_dim))
+        b, c = (t.unflatten(-1, (self.local_groups, self.state_size)) for t in (b, c))
+        return x, b, c, dt, dt * -torch.exp(self.A_log.float())
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = y + x * self.D[:, None].to(x.dtype)
+        return self.out_proj(self.norm(y.flatten(-2), z))
+
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        z, xbc, dt = self.in_proj(hidden).split([self.local_parts[0], sum(self.local_parts[1:4]),
+                                                 self.local_parts[4]], dim=-1)
+        x, b, c, dt, log_decay = self._ssm_inputs(F.silu(self.conv1d(xbc)), dt)
+        y, _ = linear_attention(c, b, x * dt.unsqueeze(-1).to(x.dtype), log_decay)
+        return self._output(y, x, z)
+
+    def initial_state(self, batch: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty generation state: the conv window ``[batch, channels, kernel − 1]`` and the SSM state
+        ``[batch, local_heads, N, P]`` (fp32)."""
+        channels = self.conv1d.weight.shape[0]
+        return (torch.zeros(batch, channels, self.conv1d.kernel - 1, device=device),
+                torch.zeros(batch, self.local_heads, self.state_size, self.head_dim, device=device))
+
+    def step(self, hidden: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        """One token ``hidden [batch, hidden]`` → ``[batch, hidden]`` and the next state: constant memory."""
+        window, ssm_state = state
+        z, xbc, dt = self.in_proj(hidden).split([self.local_parts[0], sum(self.local_parts[1:4]),
+                                                 self.local_parts[4]], dim=-1)
+        xbc, window = self.conv1d.step(xbc, window.to(xbc.dtype))
+        x, b, c, dt, log_decay = self._ssm_inputs(F.silu(xbc), dt)
+        y, ssm_state = step(c, b, x * dt.unsqueeze(-1).to(x.dtype), log_decay, ssm_state)
+        return self._output(y, x, z), (window, ssm_state)
+
+    def initial_value(self, name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor | None:
+        """Mamba-2's initialisation of the per-head parameters (others: the model default).
+
+        dt_bias = softplus⁻¹(Δ₀) with Δ₀ log-uniform in dt_range (at least 1e-4), so the initial
+        step sizes span it; A_log = log U[1, 16]; D = 1.
+        """
+        if name == "dt_bias":
+            low, high = (math.log(v) for v in self.dt_range)
+            dt = torch.empty(shape).uniform_(low, high, generator=generator).exp().clamp(min=DT_INIT_FLOOR)
+            return dt + torch.log(-torch.expm1(-dt))
+        if name == "A_log":
+            return torch.empty(shape).uniform_(*A_INIT_RANGE, generator=generator).log()
+        if name == "D":
+            return torch.ones(shape)
+        return None
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs of one token: the projections, the conv, and SSD — per group the chunk-local
+        C Bᵀ (2·chunk·N), per head its product with x (2·chunk·P) and the state read and update (2·2·N·P)."""
+        d_inner, groups_n = self.num_heads * self.head_dim, self.num_groups * self.state_size
+        projections = 2 * self.hidden_size * (2 * d_inner + 2 * groups_n + self.num_heads) + 2 * d_inner * self.hidden_size
+        conv = 2 * self.conv1d.kernel * (d_inner + 2 * groups_n)
+        chunk = min(CHUNK_SIZE, seq_len)
+        ssd = 2 * chunk * groups_n + self.num_heads * (2 * chunk * self.head_dim + 4 * self.state_size * self.head_dim)
+        return projections + conv + ssd

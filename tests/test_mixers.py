@@ -1,0 +1,73 @@
+"""Lightning (``L``) and Mamba-2 (``M``) mixers: generation equals the parallel form, Mamba-2's
+initialisation, the decay schedules, and hybrid models that train."""
+
+import math
+
+import pytest
+import torch
+
+from megamix.config import load_config
+from megamix.errors import ConfigError
+from megamix.models import HybridModel
+from megamix.nn.lightning import lightning_log_decay
+from megamix.train import train
+
+HYBRID = ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=96",
+          "model.vocab_size=4096", "model.mamba.head_dim=16", "model.mamba.state_size=16",
+          "model.mamba.num_groups=2"]
+
+
+def mixer(kind: str, *overrides: str):
+    cfg = load_config(None, [*HYBRID, f"model.pattern={kind}", *overrides]).model
+    return HybridModel(cfg, seed=3).layers["0"].mixer
+
+
+@pytest.mark.parametrize("kind", ["L", "M"])
+def test_generation_steps_equal_the_parallel_form(kind):
+    layer = mixer(kind)
+    x = torch.randn(2, 19, 64, generator=torch.Generator().manual_seed(0))
+    model_ctx = None  # neither mixer reads the rotary tables
+    parallel = layer(x, model_ctx)
+    state = layer.initial_state(2, "cpu")
+    steps = []
+    for t in range(x.shape[1]):
+        y, state = layer.step(x[:, t], state)
+        steps.append(y)
+    torch.testing.assert_close(torch.stack(steps, dim=1), parallel, rtol=1e-4, atol=1e-5)
+
+
+def test_mamba2_initialisation_follows_the_paper():
+    layer = mixer("M", "model.mamba.dt_min=0.002", "model.mamba.dt_max=0.05")
+    dt = torch.nn.functional.softplus(layer.dt_bias)
+    assert dt.min() >= 0.002 - 1e-6 and dt.max() <= 0.05 + 1e-6
+    a = layer.A_log.exp()
+    assert a.min() >= 1 and a.max() <= 16
+    assert torch.equal(layer.D, torch.ones_like(layer.D))
+    assert torch.equal(layer.norm.weight, torch.ones_like(layer.norm.weight))
+    bound = 1 / math.sqrt(layer.conv1d.kernel)
+    assert layer.conv1d.weight.abs().max() <= bound
+
+
+def test_lightning_decay_schedules():
+    tnl = lightning_log_decay("tnl", 4, layer=1, num_layers=4)
+    assert tnl == pytest.approx([-(8 * h / 4) * (1 - 1 / 4) for h in (1, 2, 3, 4)])
+    alibi = lightning_log_decay("alibi", 8, layer=5, num_layers=6)
+    assert alibi == pytest.approx([-(2 ** (-h)) for h in range(1, 9)])
+    assert mixer("L", "model.lightning.decay=alibi").log_decay == pytest.approx(lightning_log_decay("alibi", 4, 0, 1))
+
+
+def test_mamba_layouts_that_split_a_group_are_refused():
+    with pytest.raises(ConfigError, match=r"model.mamba.num_groups \(2\) must be divisible by parallel.tp \(4\)"):
+        load_config(None, [*HYBRID, "model.pattern=M-", "parallel.tp=4"])
+    with pytest.raises(ConfigError, match=r"model.mamba.num_heads \(8\) must be divisible by model.mamba.num_groups"):
+        load_config(None, [*HYBRID, "model.pattern=M-", "model.mamba.num_groups=3"])
+
+
+def test_tiny_hybrid_config_trains(tmp_path, builtin_cache):
+    """configs/tiny-hybrid.yaml, shortened: the loss falls."""
+    config = load_config("configs/tiny-hybrid.yaml", [
+        "train.steps=30", "data.seq_len=64", "train.micro_batch_size=4", "train.global_batch_size=8",
+        "train.warmup_steps=3", f"data.cache_dir={builtin_cache}", f"log.dir={tmp_path}", "log.tensorboard=false",
+    ])
+    losses = train(config)
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
