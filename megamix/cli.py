@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -33,7 +34,7 @@ def _train(args: argparse.Namespace) -> int:
 
         p = config.parallel
         # under torchrun the real world size; alone, the smallest world the layout needs
-        world = int(os.environ.get("WORLD_SIZE", p.tp * p.pp * p.cp))
+        world = int(os.environ.get("WORLD_SIZE", p.tp * p.pp * p.cp * math.lcm(p.cp, p.ep) // p.cp))
         dp = check_layout(world, p.tp, p.pp, p.cp, p.ep)
         model = HybridModel(config.model, device=torch.device("meta"))
         print(config.to_yaml(), end="")

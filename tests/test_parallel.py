@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megamix import checkpoint
 from megamix.config import load_config
 from megamix.errors import ConfigError
 from megamix.models import HybridModel
@@ -27,6 +28,11 @@ MODEL = ["model.pattern=*-*-", "model.hidden_size=64", "model.num_heads=4", "mod
 TRAIN = [*MODEL, "data.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=8",
          "train.warmup_steps=2", "train.lr=3e-3", "train.steps=5", "log.tensorboard=false"]
 RTOL = 1e-5
+# Mamba-2 (8 heads of 16, 2 groups) and Lightning layers beside attention and MLPs
+# attention + MoE (4 experts, top 2, with auxiliary losses and the loss-free balancing bias) + MLP
+MOE = ["model.pattern=*E*-", "model.moe.num_experts=4", "model.moe.ffn_hidden_size=64",
+       "model.moe.bias_update_rate=0.01"]
+HYBRID = ["model.pattern=M-L*", "model.mamba.head_dim=16", "model.mamba.state_size=16", "model.mamba.num_groups=2"]
 
 
 def full_gradients(model, parallel):
@@ -57,7 +63,10 @@ def model_forward_backward(tp, sequence_parallel, overrides):
     (4, False, []),  # 2 kv heads on 4 ranks: each kv head replicated on 2 ranks
     (4, True, ["model.num_kv_heads=4"]),
     (2, False, ["model.tie_embeddings=true"]),
-], ids=["tp2", "tp2-sp", "tp4-kv-replicated", "tp4-sp", "tp2-tied"])
+    (2, False, HYBRID),
+    (2, True, HYBRID),
+    (4, False, [*HYBRID, "model.mamba.num_groups=4", "model.num_kv_heads=4"]),
+], ids=["tp2", "tp2-sp", "tp4-kv-replicated", "tp4-sp", "tp2-tied", "tp2-hybrid", "tp2-sp-hybrid", "tp4-hybrid"])
 def test_tensor_parallel_loss_and_gradients_equal_one_process(tp, sequence_parallel, overrides):
     reference_loss, reference_grads = model_forward_backward(1, False, overrides)
     for loss, grads in run_distributed(model_forward_backward, tp, tp, sequence_parallel, overrides):
@@ -109,16 +118,19 @@ def train_run(cache, log_dir, overrides):
     return losses, norms
 
 
-@pytest.mark.parametrize("world, overrides", [
-    (2, ["parallel.tp=2"]),
-    (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-    (2, []),  # dp=2 with the sharded optimizer (ZeRO-1)
-    (2, ["parallel.zero=0"]),  # dp=2, replicated optimizer
-    (4, ["parallel.tp=2"]),  # tp=2 × dp=2
-], ids=["tp2", "tp2-sp", "dp2-zero1", "dp2-zero0", "tp2xdp2"])
-def test_training_equals_one_process(tmp_path, builtin_cache, world, overrides):
-    reference_losses, reference_norms = train_run(builtin_cache, tmp_path / "single", [])
-    for losses, norms in run_distributed(train_run, world, builtin_cache, tmp_path / "parallel", overrides):
+@pytest.mark.parametrize("world, model, overrides", [
+    (2, [], ["parallel.tp=2"]),
+    (2, [], ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    (2, [], []),  # dp=2 with the sharded optimizer (ZeRO-1)
+    (2, [], ["parallel.zero=0"]),  # dp=2, replicated optimizer
+    (4, [], ["parallel.tp=2"]),  # tp=2 × dp=2
+    (2, MOE, ["parallel.ep=2"]),  # each rank holds 2 of the 4 experts
+    (2, MOE, ["parallel.ep=2", "parallel.zero=0"]),
+    (4, MOE, ["parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
+], ids=["tp2", "tp2-sp", "dp2-zero1", "dp2-zero0", "tp2xdp2", "moe-ep2", "moe-ep2-zero0", "moe-ep2xtp2-sp"])
+def test_training_equals_one_process(tmp_path, builtin_cache, world, model, overrides):
+    reference_losses, reference_norms = train_run(builtin_cache, tmp_path / "single", model)
+    for losses, norms in run_distributed(train_run, world, builtin_cache, tmp_path / "parallel", [*model, *overrides]):
         assert losses == pytest.approx(reference_losses, rel=RTOL)
         assert norms == pytest.approx(reference_norms, rel=RTOL)
 
@@ -179,6 +191,19 @@ def test_checkpoint_resumes_at_another_layout(tmp_path, builtin_cache):
     run_distributed(resumed_losses, 2, builtin_cache, tmp_path / "dp2", [])
     losses = resumed_losses(builtin_cache, tmp_path / "from-dp2", [f"train.resume={tmp_path / 'dp2/checkpoints/step_3'}"])
     assert losses == pytest.approx(reference[3:], rel=RTOL)
+
+
+def test_expert_parallel_checkpoint_resumes_in_one_process(tmp_path, builtin_cache):
+    """Experts saved by their global index from ep=2 (with the balancing bias) load at ep=1, and back."""
+    reference = resumed_losses(builtin_cache, tmp_path / "single", MOE)
+    run_distributed(resumed_losses, 2, builtin_cache, tmp_path / "ep2", [*MOE, "parallel.ep=2"])
+    saved = checkpoint.read_metadata(tmp_path / "ep2/checkpoints/step_3").state_dict_metadata
+    assert {"model.layers.1.mixer.expert_bias", "model.layers.1.mixer.experts.3.down_proj.weight"} <= saved.keys()
+    losses = resumed_losses(builtin_cache, tmp_path / "from-ep2", [*MOE, f"train.resume={tmp_path / 'ep2/checkpoints/step_3'}"])
+    assert losses == pytest.approx(reference[3:], rel=RTOL)
+    for losses in run_distributed(resumed_losses, 2, builtin_cache, tmp_path / "to-ep2",
+                                  [*MOE, "parallel.ep=2", f"train.resume={tmp_path / 'single/checkpoints/step_3'}"]):
+        assert losses == pytest.approx(reference[3:], rel=RTOL)
 
 
 @pytest.mark.parametrize("overrides, message", [

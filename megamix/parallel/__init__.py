@@ -9,6 +9,7 @@ from megamix.parallel.optimizer import DistributedOptimizer
 from megamix.parallel.sharding import Piece, Sharding, set_sharding, sharding_of
 from megamix.parallel.state import (
     NO_TENSOR_PARALLEL,
+    SINGLE,
     Group,
     ParallelState,
     TensorParallel,
@@ -25,7 +26,7 @@ from megamix.parallel.tensor_parallel import (
 )
 
 __all__ = [
-    "NO_TENSOR_PARALLEL", "ColumnParallelLinear", "CommRecorder", "DistributedOptimizer", "Group",
+    "NO_TENSOR_PARALLEL", "SINGLE", "ColumnParallelLinear", "CommRecorder", "DistributedOptimizer", "Group",
     "ParallelState", "Piece", "RowParallelLinear", "Sharding", "TensorParallel", "VocabParallelEmbedding",
     "check_layout", "init_distributed", "mark_sequence_parallel", "column_parallel_linear", "record_communication",
     "set_sharding", "sharding_of", "vocab_parallel_cross_entropy",

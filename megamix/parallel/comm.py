@@ -10,6 +10,10 @@ With SP the activations between the pairs are sharded along the sequence (dim 1)
     gather_sequence          forward all-gather       backward reduce-scatter
     reduce_scatter_sequence  forward reduce-scatter   backward all-gather
 
+Expert parallel (EP) moves token rows between the ranks holding different experts:
+
+    exchange_rows     forward all-to-all (rows split per rank)    backward the reverse all-to-all
+
 All calls go through :func:`_issue`, which a :class:`CommRecorder` can tally.
 """
 
@@ -34,7 +38,8 @@ class CommRecorder:
 
     Bytes sent are those of the bandwidth-optimal ring algorithm for a payload of
     N bytes over p ranks: all-reduce 2(p−1)/p·N, all-gather and reduce-scatter
-    (p−1)/p·N of the full (gathered) tensor.
+    (p−1)/p·N of the full (gathered) tensor, all-to-all (p−1)/p·N of its input
+    (exact when the rows are spread evenly over the ranks).
     """
 
     calls: Counter = field(default_factory=Counter)
@@ -106,6 +111,18 @@ def reduce_scatter(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
     return out.movedim(0, dim).contiguous()
 
 
+def all_to_all(x: torch.Tensor, group: Group, send_splits: list[int] | None = None,
+               recv_splits: list[int] | None = None) -> torch.Tensor:
+    """Send rows [Σ_{q'<q} send_splits[q'], …) of ``x`` to rank q; return the rows received,
+    ``recv_splits[q]`` of them from rank q, in rank order. Without splits, equal blocks."""
+    if group.size == 1:
+        return x
+    out = x.new_empty((x.shape[0] if recv_splits is None else sum(recv_splits), *x.shape[1:]))
+    _issue("all_to_all", group, x)
+    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group.group)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Autograd functions
 
@@ -149,3 +166,21 @@ copy_to_tp = _autograd_pair(_identity, _sum)
 reduce_from_tp = _autograd_pair(_sum, _identity)
 gather_sequence = _autograd_pair(_gather_seq, _reduce_scatter_seq)
 reduce_scatter_sequence = _autograd_pair(_reduce_scatter_seq, _gather_seq)
+
+
+class _ExchangeRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, send_splits, recv_splits):
+        ctx.group, ctx.splits = group, (send_splits, recv_splits)
+        return all_to_all(x, group, send_splits, recv_splits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits = ctx.splits
+        return all_to_all(grad.contiguous(), ctx.group, recv_splits, send_splits), None, None, None
+
+
+def exchange_rows(x: torch.Tensor, group: Group, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+    """:func:`all_to_all` of the rows of ``x [rows, ...]``; the gradient of each received row
+    goes back to the rank that sent it (the reverse all-to-all). Identity on a group of one."""
+    return x if group.size == 1 else _ExchangeRows.apply(x, group, send_splits, recv_splits)

@@ -4,11 +4,15 @@ Each step:
 1. partial gradients (replicated kv heads, norms under sequence parallel) are summed over TP,
    and a tied embedding's over the first and last pipeline stage;
 2. gradients are averaged over the grad group (dp × cp) in buckets: reduce-scatter
-   when sharded, all-reduce otherwise;
+   when sharded, all-reduce otherwise. An expert's weight lives only on the
+   expert-parallel rank that holds the expert, and its gradient already sums the
+   tokens of the whole ep group, so it is summed over ``expert_dp`` (the ranks
+   holding the same experts) and divided by dp × cp all the same;
 3. the global gradient norm is computed from what each rank holds (replicated
    pieces weighted by 1/replicas) and gradients are clipped;
 4. AdamW updates this rank's rows of every parameter — rows [r·c, (r+1)·c) of dim 0
-   with c = ⌈rows / dp⌉ when sharded, all rows otherwise — in place;
+   with c = ⌈rows / n⌉ for the n ranks of its reduction group when sharded, all rows
+   otherwise — in place;
 5. when sharded, the updated rows are all-gathered, bucket by bucket.
 
 Sharding whole rows of each parameter (rather than a flat range across
@@ -38,6 +42,7 @@ class _Slot:
     name: str
     param: torch.nn.Parameter
     sharding: Sharding
+    group: Group  # the ranks its gradient is reduced over (and its state sharded over)
     rows_per_rank: int  # c: every rank's share of dim 0, padded
     start: int
     end: int
@@ -54,17 +59,16 @@ class DistributedOptimizer:
     def __init__(self, named_parameters, parallel: ParallelState, lr: float, betas: tuple[float, float],
                  eps: float, weight_decay: float, shard: bool = True, bucket_bytes: int = BUCKET_BYTES):
         self.parallel = parallel
-        self.group: Group = parallel.grad
-        self.shard = shard and self.group.size > 1
-        n = self.group.size if self.shard else 1
-        rank = self.group.rank if self.shard else 0
+        self.shard = shard and parallel.grad.size > 1
         self.slots: list[_Slot] = []
         for name, param in named_parameters:
+            sharding = sharding_of(param, parallel.tp.size)
+            group = parallel.expert_dp if sharding.expert_parallel else parallel.grad
+            n, rank = (group.size, group.rank) if self.shard else (1, 0)
             rows = param.shape[0]
             c = math.ceil(rows / n)
             start, end = min(rank * c, rows), min((rank + 1) * c, rows)
-            self.slots.append(_Slot(name, param, sharding_of(param, parallel.tp.size), c, start, end,
-                                    param.data[start:end]))
+            self.slots.append(_Slot(name, param, sharding, group, c, start, end, param.data[start:end]))
         self.buckets = _buckets(self.slots, bucket_bytes)
         decay = [s.shard for s in self.slots if s.param.ndim >= 2]
         no_decay = [s.shard for s in self.slots if s.param.ndim < 2]
@@ -95,18 +99,20 @@ class DistributedOptimizer:
                 self._all_reduce(bucket)
 
     def _all_reduce(self, bucket: list[_Slot]) -> None:
-        if self.group.size > 1:
+        group = bucket[0].group
+        if self.parallel.grad.size > 1:
             flat = torch.cat([s.param.grad.flatten() for s in bucket])
-            comm.all_reduce(flat, self.group).div_(self.group.size)
+            comm.all_reduce(flat, group).div_(self.parallel.grad.size)
             for slot, grad in zip(bucket, flat.split([s.param.numel() for s in bucket])):
                 slot.param.grad.copy_(grad.view_as(slot.param))
         for slot in bucket:
             slot.shard.grad = slot.param.grad
 
     def _reduce_scatter(self, bucket: list[_Slot]) -> None:
-        n = self.group.size
+        group = bucket[0].group
+        n = group.size
         flat = torch.cat([_padded_rows(s.param.grad, s.rows_per_rank * n).view(n, -1) for s in bucket], dim=1)
-        mine = comm.reduce_scatter(flat.flatten(), self.group).div_(n)
+        mine = comm.reduce_scatter(flat.flatten(), group).div_(self.parallel.grad.size)
         offset = 0
         for slot in bucket:
             width = slot.rows_per_rank * slot.row_numel
@@ -117,15 +123,17 @@ class DistributedOptimizer:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Step 3: the global L2 norm of the gradient; scales gradients down to ``max_norm`` if above it."""
-        total = torch.zeros((), dtype=torch.float64)
+        dense, experts = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         for slot in self.slots:
             grad = slot.shard.grad
             # squares summed per row in the gradient's precision, rows accumulated in fp64
             per_row = torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1).double().square()
             weights = slot.sharding.row_weights(slot.param.shape[0])[slot.start:slot.end]
-            total += (per_row * weights.double()).sum()
+            (experts if slot.sharding.expert_parallel else dense).add_((per_row * weights.double()).sum())
         if self.shard:
-            comm.all_reduce(total, self.group)
+            comm.all_reduce(dense, self.parallel.grad)
+            comm.all_reduce(experts, self.parallel.expert_dp)
+        total = dense + comm.all_reduce(experts, self.parallel.ep)  # each ep rank holds other experts
         comm.all_reduce(total, self.parallel.model)
         norm = math.sqrt(total.item())
         if max_norm > 0 and norm > max_norm:
@@ -142,9 +150,10 @@ class DistributedOptimizer:
                 self._all_gather(bucket)
 
     def _all_gather(self, bucket: list[_Slot]) -> None:
-        n = self.group.size
+        group = bucket[0].group
+        n = group.size
         mine = torch.cat([_padded_rows(s.shard, s.rows_per_rank).flatten() for s in bucket])
-        gathered = comm.all_gather(mine, self.group).view(n, -1)
+        gathered = comm.all_gather(mine, group).view(n, -1)
         offset = 0
         for slot in bucket:
             width = slot.rows_per_rank * slot.row_numel
@@ -192,12 +201,16 @@ def _padded_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _buckets(slots: list[_Slot], bucket_bytes: int) -> list[list[_Slot]]:
-    buckets, current, size = [], [], 0
-    for slot in slots:
-        current.append(slot)
-        size += slot.param.numel() * slot.param.element_size()
-        if size >= bucket_bytes:
-            buckets.append(current)
-            current, size = [], 0
-    return buckets + ([current] if current else [])
+    """Consecutive slots of the same reduction group, about ``bucket_bytes`` per bucket."""
+    buckets = []
+    for group in dict.fromkeys(s.group for s in slots):
+        current, size = [], 0
+        for slot in (s for s in slots if s.group == group):
+            current.append(slot)
+            size += slot.param.numel() * slot.param.element_size()
+            if size >= bucket_bytes:
+                buckets.append(current)
+                current, size = [], 0
+        buckets += [current] if current else []
+    return buckets
 

@@ -12,13 +12,17 @@ Everything layout-dependent reads it:
 - ``partial_grads`` marks parameters whose gradients must be summed over the
   tensor-parallel group (replicated kv heads, norms under sequence parallel);
 - ``stage_copies`` marks a tied embedding held by the first and the last pipeline
-  stage, whose gradients are summed over both.
+  stage, whose gradients are summed over both;
+- ``expert_parallel`` marks an expert's weight: only the ``ep`` rank that holds the expert
+  has it (its name carries the global expert index), so its gradient is reduced over the
+  ranks holding the same experts (``expert_dp``) rather than all data-parallel ranks.
 
 A parameter without a sharding is whole and replicated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +47,7 @@ class Sharding:
     pieces: tuple[Piece, ...]
     partial_grads: bool = False
     stage_copies: int = 1  # pipeline stages holding a copy (2 for a tied embedding split from its head)
+    expert_parallel: bool = False
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's local tensor cut from the full one."""
@@ -111,6 +116,11 @@ def sharding_of(param: torch.Tensor, tp_size: int = 1) -> Sharding:
 
 def set_sharding(param: torch.Tensor, sharding: Sharding) -> None:
     param.sharding = sharding
+
+
+def mark_expert_parallel(param: torch.Tensor, tp_size: int = 1) -> None:
+    """Mark ``param`` as one expert's weight, held only by the expert-parallel rank owning the expert."""
+    set_sharding(param, dataclasses.replace(sharding_of(param, tp_size), expert_parallel=True))
 
 
 def materialize(module: torch.nn.Module, device: torch.device | str) -> None:

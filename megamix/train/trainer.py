@@ -25,6 +25,7 @@ from megamix.config import Config, config_from_dict
 from megamix.data import BlendedSamples, IndexedDataset, SampleStream, Tokenizer, default_cache_dir, ensure_builtin
 from megamix.errors import CheckpointError, ConfigError, TrainingError
 from megamix.models import HybridModel
+from megamix.nn.moe import MoE
 from megamix.parallel import DistributedOptimizer, Group, ParallelState, check_layout, init_distributed, sharding_of
 from megamix.parallel import vocab_parallel_cross_entropy
 from megamix.parallel.checkpointing import GlobalPieces
@@ -39,9 +40,8 @@ from megamix.train.schedule import learning_rate, set_learning_rate
 def build_parallel_state(config: Config) -> ParallelState:
     """Join the process group (under torchrun) and build the layout's groups; refuse what is not built yet."""
     p = config.parallel
-    for key, issue in (("cp", "context parallelism"), ("ep", "expert parallelism")):
-        if getattr(p, key) > 1:
-            raise ConfigError(f"parallel.{key}={getattr(p, key)}: {issue} is not available yet; use parallel.{key}=1")
+    if p.cp > 1:
+        raise ConfigError(f"parallel.cp={p.cp}: context parallelism is not available yet; use parallel.cp=1")
     return ParallelState.create(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, sequence_parallel=p.sequence_parallel)
 
 
@@ -93,12 +93,15 @@ class Trainer:
                                               betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
                                               shard=config.parallel.zero == 1)
         self.step = 0
+        self.aux_metrics: dict[str, float] = {}
+        self._aux_names: list[str] | None = None
         self._resume()
 
     def _build_model(self) -> tuple[list[HybridModel], PipelineSchedule | None]:
         """The model, or under pipeline parallelism this rank's stages and their schedule."""
         c, t = self.config, self.config.train
-        build = functools.partial(HybridModel, c.model, seed=t.seed, device=self.device, tp=self.tp)
+        build = functools.partial(HybridModel, c.model, seed=t.seed, device=self.device, tp=self.tp,
+                                  ep=self.parallel.ep)
         if self.parallel.pp.size == 1:
             stages, pipeline = [build()], None
         else:
@@ -111,11 +114,19 @@ class Trainer:
                                         loss_fn=lambda logits, targets: self._loss(logits, targets))
         for stage in stages:
             stage.recompute = t.recompute
+            # auxiliary losses are weighted like each micro-batch's loss: divided by the number of
+            # micro-batches here, by the pipeline schedule's gradient scaling under pp
+            stage.aux.grad_scale = 1.0 if pipeline is not None else 1.0 / self.micro_batches
         return stages, pipeline
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """This rank's parameters by their global names (the same under every layout)."""
         return [item for stage in self.stages for item in stage.named_parameters()]
+
+    def saved_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """This rank's persistent buffers (e.g. MoE's expert bias), the same on every rank that holds them."""
+        return [(name, value) for stage in self.stages for name, value in stage.state_dict().items()
+                if name not in dict(stage.named_parameters())]
 
     @property
     def is_logging_rank(self) -> bool:
@@ -127,6 +138,7 @@ class Trainer:
         """Flat DCP entries: parameters and Adam moments as pieces of global tensors, plus run state."""
         entries = {f"model.{name}": GlobalPieces(sharding_of(p, self.tp.size), p.data)
                    for name, p in self.named_parameters()}
+        entries |= {f"model.{name}": buffer for name, buffer in self.saved_buffers()}
         entries |= self.optimizer.checkpoint_state()
         entries["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
@@ -202,7 +214,42 @@ class Trainer:
             total_loss /= self.micro_batches
         all_reduce(total_loss, self.parallel.grad).div_(self.parallel.grad.size)
         self.optimizer.reduce_gradients()
+        self._update_expert_biases()
+        self.aux_metrics = self._pop_aux_metrics()
         return total_loss.item()
+
+    def _update_expert_biases(self) -> None:
+        """Auxiliary-loss-free balancing: each MoE layer moves its expert bias by the step's load
+        over all data-parallel ranks, so every replica keeps the same bias."""
+        layers = [m for stage in self.stages for m in stage.modules() if isinstance(m, MoE) and m.bias_update_rate > 0]
+        if layers:
+            counts = all_reduce(torch.stack([m.tokens_per_expert for m in layers]), self.parallel.grad)
+            for layer, layer_counts in zip(layers, counts):
+                layer.update_expert_bias(layer_counts)
+
+    def _pop_aux_metrics(self) -> dict[str, float]:
+        """The mean of each auxiliary value (MoE/MoH losses, load statistics) recorded this step,
+        over every layer and rank that recorded it (stages differ in which layers they hold)."""
+        local = [stage.aux.pop() for stage in self.stages]
+        if self._aux_names is None:  # the same every step: the model's routed layers record them
+            names = sorted({name for values in local for name in values})
+            if self.parallel.world_size > 1:
+                gathered = [None] * self.parallel.world_size
+                torch.distributed.all_gather_object(gathered, names)
+                names = sorted(set().union(*gathered))
+            self._aux_names = names
+        names = self._aux_names
+        if not names:
+            return {}
+        sums = torch.zeros(2, len(names), dtype=torch.float64, device=self.device)
+        for values in local:
+            for i, name in enumerate(names):
+                if name in values:
+                    sums[0, i] += values[name].item()
+                    sums[1, i] += 1
+        world = Group(torch.distributed.group.WORLD, self.parallel.rank, self.parallel.world_size)
+        sums = all_reduce(sums, world)
+        return {name: (sums[0, i] / sums[1, i]).item() for i, name in enumerate(names)}
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (mean loss, gradient norm before clipping)."""
@@ -273,6 +320,7 @@ class Trainer:
                   "tokens_per_s": tokens_per_s, "step_time_s": elapsed, "mem_peak_mb": peak_memory_mb(self.device)}
         if bubble is not None:
             record["pp_bubble"] = bubble
+        record |= self.aux_metrics
         if peak is not None:
             record["mfu"] = flops_per_token * tokens_per_s / (peak * self.parallel.world_size)
         return record
