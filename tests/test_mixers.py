@@ -1,6 +1,7 @@
 """Lightning (``L``) and Mamba-2 (``M``) mixers: generation equals the parallel form, Mamba-2's
-initialisation, the decay schedules, and hybrid models that train."""
+initialisation, the decay schedules; the hybrid and routed tiny configs train."""
 
+import json
 import math
 
 import pytest
@@ -65,9 +66,23 @@ def test_mamba_layouts_that_split_a_group_are_refused():
 
 def test_tiny_hybrid_config_trains(tmp_path, builtin_cache):
     """configs/tiny-hybrid.yaml, shortened: the loss falls."""
-    config = load_config("configs/tiny-hybrid.yaml", [
-        "train.steps=30", "data.seq_len=64", "train.micro_batch_size=4", "train.global_batch_size=8",
-        "train.warmup_steps=3", f"data.cache_dir={builtin_cache}", f"log.dir={tmp_path}", "log.tensorboard=false",
+    losses = train(short_run("configs/tiny-hybrid.yaml", tmp_path, builtin_cache))
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
+
+
+def short_run(config_path, tmp_path, cache, steps=30):
+    return load_config(config_path, [
+        f"train.steps={steps}", "data.seq_len=64", "train.micro_batch_size=4", "train.global_batch_size=8",
+        "train.warmup_steps=3", f"data.cache_dir={cache}", f"log.dir={tmp_path}", "log.tensorboard=false",
     ])
+
+
+def test_tiny_moe_config_trains_and_logs_router_metrics(tmp_path, builtin_cache):
+    config = short_run("configs/tiny-moe.yaml", tmp_path, builtin_cache)
     losses = train(config)
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["moe_aux_loss"] >= 1.0 - 1e-4  # E/k · Σ f_i P_i is 1 at perfect balance, more otherwise
+    assert last["moe_z_loss"] > 0
+    for layer in (1, 3, 5, 7):
+        assert last[f"moe_load_imbalance/layers.{layer}"] >= 1.0

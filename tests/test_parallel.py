@@ -227,14 +227,17 @@ def test_layout_must_divide_the_world_size():
     assert check_layout(8, tp=2, pp=2) == 2
 
 
-def test_torchrun_trains_like_one_process(tmp_path, builtin_cache):
+@pytest.mark.parametrize("model, layout", [
+    ([], ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    (MOE, ["parallel.ep=2"]),
+], ids=["tp2-sp", "moe-ep2"])
+def test_torchrun_trains_like_one_process(tmp_path, builtin_cache, model, layout):
     """The documented command: ``torchrun --nproc-per-node N -m megamix train CONFIG parallel.tp=2``."""
-    overrides = [*TRAIN, f"data.cache_dir={builtin_cache}", "log.interval=1"]
+    overrides = [*TRAIN, f"data.cache_dir={builtin_cache}", "log.interval=1", *model]
     reference = Trainer(load_config("configs/tiny-dense.yaml", [*overrides, f"log.dir={tmp_path / 'single'}"])).run()
     run_dir = tmp_path / "torchrun"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "megamix", "train", "configs/tiny-dense.yaml", *overrides, "parallel.tp=2",
-               "parallel.sequence_parallel=true", f"log.dir={run_dir}"]
+               "-m", "megamix", "train", "configs/tiny-dense.yaml", *overrides, *layout, f"log.dir={run_dir}"]
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -250,7 +253,8 @@ def test_torchrun_trains_like_one_process(tmp_path, builtin_cache):
     (4, ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
     (2, ["parallel.pp=2", "model.tie_embeddings=true"]),  # embedding on stage 0, head on stage 1
     (2, ["parallel.pp=2", "model.pattern=*-*|-"]),  # stages at the marks
-], ids=["pp2-1f1b", "pp2-interleaved", "pp2xtp2-sp", "pp2-tied", "pp2-marked"])
+    (2, ["parallel.pp=2", *MOE]),  # MoE auxiliary losses on both stages
+], ids=["pp2-1f1b", "pp2-interleaved", "pp2xtp2-sp", "pp2-tied", "pp2-marked", "pp2-moe"])
 def test_pipeline_training_equals_one_process(tmp_path, builtin_cache, world, overrides):
     model = [o for o in overrides if o.startswith("model.")]
     reference_losses, reference_norms = train_run(builtin_cache, tmp_path / "single",
