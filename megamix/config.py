@@ -383,10 +383,9 @@ def _validate_moe(moe: MoEConfig, p: ParallelConfig) -> None:
 
 def _validate_moh(m: ModelConfig, tp: int) -> None:
     moh, routed = m.moh, m.num_heads - m.moh.shared_heads
-    _require(0 <= moh.shared_heads <= m.num_heads and 0 <= moh.routed_top_k <= routed,
-             f"model.moh: need 0 <= shared_heads <= num_heads ({m.num_heads}) and 0 <= routed_top_k <= the "
+    _require(0 < moh.shared_heads < m.num_heads and 0 < moh.routed_top_k <= routed,
+             f"model.moh: need 1 <= shared_heads < num_heads ({m.num_heads}) and 1 <= routed_top_k <= the "
              f"{routed} routed heads, got shared_heads={moh.shared_heads}, routed_top_k={moh.routed_top_k}")
-    _require(moh.shared_heads + moh.routed_top_k > 0, "model.moh: at least one head must be active")
     _require(moh.shared_heads % tp == 0 and routed % tp == 0,
              f"model.moh: shared heads ({moh.shared_heads}) and routed heads ({routed}) must each be divisible by "
              f"parallel.tp ({tp}): every tensor-parallel rank holds its share of both")

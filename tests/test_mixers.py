@@ -86,3 +86,11 @@ def test_tiny_moe_config_trains_and_logs_router_metrics(tmp_path, builtin_cache)
     assert last["moe_z_loss"] > 0
     for layer in (1, 3, 5, 7):
         assert last[f"moe_load_imbalance/layers.{layer}"] >= 1.0
+
+
+def test_tiny_moh_config_trains_and_logs_head_metrics(tmp_path, builtin_cache):
+    losses = train(short_run("configs/tiny-moh.yaml", tmp_path, builtin_cache))
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["moh_active_heads"] == pytest.approx(4 / 8)  # 2 shared + 2 of the 6 routed
+    assert last["moh_aux_loss"] >= 1.0 - 1e-4  # r · Σ f_j P_j is 1 at uniform routing

@@ -66,7 +66,10 @@ def model_forward_backward(tp, sequence_parallel, overrides):
     (2, False, HYBRID),
     (2, True, HYBRID),
     (4, False, [*HYBRID, "model.mamba.num_groups=4", "model.num_kv_heads=4"]),
-], ids=["tp2", "tp2-sp", "tp4-kv-replicated", "tp4-sp", "tp2-tied", "tp2-hybrid", "tp2-sp-hybrid", "tp4-hybrid"])
+    (2, True, ["model.pattern=H-*E", "model.moh.shared_heads=2", "model.moh.routed_top_k=1",
+               "model.moe.num_experts=4", "model.moe.ffn_hidden_size=64"]),
+], ids=["tp2", "tp2-sp", "tp4-kv-replicated", "tp4-sp", "tp2-tied", "tp2-hybrid", "tp2-sp-hybrid", "tp4-hybrid",
+        "tp2-sp-routed"])
 def test_tensor_parallel_loss_and_gradients_equal_one_process(tp, sequence_parallel, overrides):
     reference_loss, reference_grads = model_forward_backward(1, False, overrides)
     for loss, grads in run_distributed(model_forward_backward, tp, tp, sequence_parallel, overrides):

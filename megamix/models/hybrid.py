@@ -22,6 +22,7 @@ from megamix.nn import (
 from megamix.nn.aux_loss import AuxLosses
 from megamix.nn.lightning import lightning_log_decay
 from megamix.nn.moe import MoE
+from megamix.nn.moh import MoHAttention
 from megamix.parallel import (
     NO_TENSOR_PARALLEL,
     SINGLE,
@@ -65,9 +66,15 @@ def _moe(c: ModelConfig, tp: TensorParallel, index: int, ep: Group) -> MoE:
                capacity_factor=m.capacity_factor, drop_policy=m.drop_policy, name=f"layers.{index}", tp=tp, ep=ep)
 
 
+def _moh(c: ModelConfig, tp: TensorParallel, index: int, ep: Group) -> MoHAttention:
+    return MoHAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.moh.shared_heads,
+                        c.moh.routed_top_k, c.moh.aux_loss_coeff, name=f"layers.{index}", tp=tp)
+
+
 LAYER_KINDS: dict[str, LayerKind] = {
     "*": LayerKind("attention",
                    lambda c, tp, i, ep: Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, tp)),
+    "H": LayerKind("mixture-of-head attention", _moh),
     "L": LayerKind("lightning", _lightning),
     "M": LayerKind("mamba2", _mamba),
     "-": LayerKind("mlp", lambda c, tp, i, ep: GatedMLP(c.hidden_size, c.ffn_hidden_size, tp, c.mlp)),

@@ -6,6 +6,8 @@ from megamix.nn.init import init_parameters
 from megamix.nn.lightning import LightningAttention
 from megamix.nn.mamba2 import Mamba2Mixer
 from megamix.nn.mlp import GatedMLP
+from megamix.nn.moe import MoE
+from megamix.nn.moh import MoHAttention
 from megamix.nn.norms import GatedRMSNorm, RMSNorm, SRMSNorm
 from megamix.nn.rotary import apply_rotary, rotary_tables
 
@@ -16,6 +18,8 @@ __all__ = [
     "GatedMLP",
     "LightningAttention",
     "Mamba2Mixer",
+    "MoE",
+    "MoHAttention",
     "RMSNorm",
     "SRMSNorm",
     "apply_rotary",

@@ -7,6 +7,7 @@ from torch import nn
 from megamix.nn.context import ForwardContext
 from megamix.nn.rotary import apply_rotary
 from megamix.parallel import NO_TENSOR_PARALLEL, ColumnParallelLinear, RowParallelLinear, TensorParallel
+from megamix.parallel.tensor_parallel import tp_input
 
 try:
     from flash_attn import flash_attn_func
@@ -77,6 +78,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.tp = tp
         kv_shards = min(num_kv_heads, tp.size)
         self.qkv_proj = ColumnParallelLinear(hidden_size, [d * head_dim for d in (num_heads, num_kv_heads, num_kv_heads)],
                                              tp, shards=[tp.size, kv_shards, kv_shards])
@@ -84,10 +86,19 @@ class Attention(nn.Module):
         self.out_proj = RowParallelLinear(num_heads * head_dim, hidden_size, tp)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        batch, seq, _ = qkv.shape  # the full sequence, gathered under SP
-        out = causal_attention(*SplitRotaryFunction.apply(qkv, self.local_heads, ctx.rope_cos, ctx.rope_sin))
-        return self.out_proj(out.reshape(batch, seq, -1))
+        return self.project_out(causal_attention(*self.project_in(tp_input(x, self.tp), ctx)))
+
+    def project_in(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The full-sequence input ``x [batch, seq, hidden]`` (:func:`tp_input`: gathered under SP, so
+        a subclass can share it) → rope(q) ``[batch, seq, local q heads, head_dim]``, rope(k) and v
+        ``[batch, seq, local kv heads, head_dim]``."""
+        qkv = F.linear(x, self.qkv_proj.weight)  # x is already the replicated input qkv_proj would gather
+        return SplitRotaryFunction.apply(qkv, self.local_heads, ctx.rope_cos, ctx.rope_sin)
+
+    def project_out(self, heads: torch.Tensor) -> torch.Tensor:
+        """This rank's head outputs ``[batch, seq, local heads, head_dim]`` → W_out · concat(heads)
+        ``[batch, seq, hidden]`` (``seq / tp`` under SP), summed over the TP ranks."""
+        return self.out_proj(heads.flatten(2))
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs of one token in a sequence of ``seq_len``.
