@@ -8,12 +8,12 @@ two, key groups, several blocks of chunks and packed sequences; bf16 inputs; str
 
 import pytest
 import torch
+from linear_attention_cases import assert_results_close, make_inputs, relative_rmse, run
 
 from megamix_kernels.linear_attention import chunk as chunk_module
 from megamix_kernels.linear_attention.chunk import chunk_linear_attention
 from megamix_kernels.linear_attention.naive import linear_attention_full, linear_attention_recurrent, step
 
-NAMES = ("o", "final_state", "dq", "dk", "dv", "dlog_decay", "dinitial_state")
 # (batch, seq, key_heads, heads, key_dim, value_dim, per_token_decay, chunk_size)
 CASES = [
     (2, 37, 2, 4, 24, 48, True, 16),  # key groups of 2 heads, odd length, dims not powers of two
@@ -33,66 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def make_inputs(batch, seq, key_heads, heads, key_dim, value_dim, per_token_decay, sequences=None,
-                decay_rate=0.5, seed=0):
-    """float64 q, k, v, log_decay (in [−decay_rate, 0]), initial_state, and upstream gradients for o and
-    the final state."""
-    gen = torch.Generator().manual_seed(seed)
-    sequences = batch if sequences is None else sequences
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    decay_shape = (batch, seq, heads) if per_token_decay else (heads,)
-    return {
-        "q": randn(batch, seq, key_heads, key_dim),
-        "k": randn(batch, seq, key_heads, key_dim) * key_dim**-0.5,
-        "v": randn(batch, seq, heads, value_dim),
-        "log_decay": -decay_rate * torch.rand(*decay_shape, generator=gen, dtype=torch.float64),
-        "initial_state": randn(sequences, heads, key_dim, value_dim),
-        "grad_o": randn(batch, seq, heads, value_dim),
-        "grad_final": randn(sequences, heads, key_dim, value_dim),
-    }
-
-
-def run(fn, inputs, dtype=torch.float32, scale=0.7, initial_state=True, final_state=True, cu_seqlens=None,
-        **kwargs):
-    """Outputs and input gradients of ``fn``, named as in NAMES (None where not asked for). q, k, v go in
-    as ``dtype``, log_decay and the initial state as fp32 (float64 with a float64 dtype)."""
-    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    dtypes = {"q": dtype, "k": dtype, "v": dtype, "log_decay": state_dtype, "initial_state": state_dtype}
-    leaves = {name: inputs[name].to(dtypes[name], copy=True).requires_grad_() for name in dtypes}
-    if not initial_state:
-        leaves["initial_state"] = None
-    o, final = fn(leaves["q"], leaves["k"], leaves["v"], leaves["log_decay"], scale, leaves["initial_state"],
-                  final_state, cu_seqlens, **kwargs)
-    loss = (o.double() * inputs["grad_o"]).sum()
-    if final_state:
-        loss = loss + (final.double() * inputs["grad_final"]).sum()
-    loss.backward()
-    grads = [None if leaf is None else leaf.grad
-             for leaf in (leaves[name] for name in ("q", "k", "v", "log_decay", "initial_state"))]
-    return {name: None if r is None else r.detach() for name, r in zip(NAMES, [o, final, *grads])}
-
-
-def relative_max_error(actual, expected):
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
-def relative_rmse(actual, expected):
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
-def assert_results_close(actual, expected, max_error, metric=relative_max_error):
-    for name in NAMES:
-        if expected[name] is None:
-            assert actual[name] is None, name
-            continue
-        assert actual[name].shape == expected[name].shape, name
-        error = metric(actual[name].double(), expected[name].double())
-        assert error < max_error, f"{name}: error {error:.2e} ≥ {max_error:.0e}"
 
 
 def use_blocks_of(chunks_per_block, heads, chunk_size, monkeypatch):

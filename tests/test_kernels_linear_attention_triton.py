@@ -5,78 +5,21 @@ not multiples of the block (16 under the interpreter), head dims that are not po
 forms, key groups, several value tiles (32 columns each under the interpreter) and packed sequences.
 """
 
+import functools
 import itertools
 
 import pytest
 import torch
+from linear_attention_cases import assert_results_close, relative_max_error, relative_rmse, run
+from linear_attention_cases import make_inputs as make_cpu_inputs
 
 from megamix_kernels.linear_attention.naive import linear_attention_full, linear_attention_recurrent
 from megamix_kernels.linear_attention.triton import triton_linear_attention
 
 # Under the interpreter the kernels take CPU tensors; with a GPU they compile and take CUDA tensors.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NAMES = ("o", "final_state", "dq", "dk", "dv", "dlog_decay", "dinitial_state")
-
-
-def make_inputs(batch, seq, key_heads, heads, key_dim, value_dim, per_token_decay, sequences=None, decay_rate=0.5):
-    """float64 q, k, v, log_decay (in [−decay_rate, 0]), initial_state, and upstream gradients for o and
-    the final state."""
-    gen = torch.Generator().manual_seed(0)
-    sequences = batch if sequences is None else sequences
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    decay_shape = (batch, seq, heads) if per_token_decay else (heads,)
-    inputs = {
-        "q": randn(batch, seq, key_heads, key_dim) * key_dim**-0.5,
-        "k": randn(batch, seq, key_heads, key_dim) * key_dim**-0.5,
-        "v": randn(batch, seq, heads, value_dim),
-        "log_decay": -decay_rate * torch.rand(*decay_shape, generator=gen, dtype=torch.float64),
-        "initial_state": randn(sequences, heads, key_dim, value_dim),
-        "grad_o": randn(batch, seq, heads, value_dim),
-        "grad_final": randn(sequences, heads, key_dim, value_dim),
-    }
-    return {name: t.to(DEVICE) for name, t in inputs.items()}
-
-
-def run(fn, inputs, dtype, scale=1.0, initial_state=True, final_state=True, cu_seqlens=None):
-    """Outputs and input gradients of ``fn``, named as in NAMES (None where not asked for).
-
-    q, k, v go in as ``dtype``; log_decay and the initial state in fp32, or float64 with a float64 dtype.
-    """
-    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    dtypes = {"q": dtype, "k": dtype, "v": dtype, "log_decay": state_dtype, "initial_state": state_dtype}
-    leaves = {name: inputs[name].to(dtypes[name], copy=True).requires_grad_() for name in dtypes}
-    if not initial_state:
-        leaves["initial_state"] = None
-    o, final = fn(leaves["q"], leaves["k"], leaves["v"], leaves["log_decay"], scale, leaves["initial_state"],
-                  final_state, cu_seqlens)
-    loss = (o.double() * inputs["grad_o"]).sum()
-    if final_state:
-        loss = loss + (final.double() * inputs["grad_final"]).sum()
-    loss.backward()
-    grads = [leaf.grad if leaf is not None else None
-             for leaf in (leaves[n] for n in ("q", "k", "v", "log_decay", "initial_state"))]
-    results = [o, final, *grads]
-    return {name: None if r is None else r.detach().cpu() for name, r in zip(NAMES, results)}
-
-
-def assert_results_close(actual, expected, max_error, metric):
-    for name in NAMES:
-        if expected[name] is None:
-            assert actual[name] is None, name
-            continue
-        error = metric(actual[name].double(), expected[name].double())
-        assert error < max_error, f"{name}: error {error:.2e} ≥ {max_error:.0e}"
-
-
-def max_error_relative_to_magnitude(actual, expected):
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
-def relative_rmse(actual, expected):
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+# q scaled by key_dim**-0.5 like k, so the scores stay near unit size.
+make_inputs = functools.partial(make_cpu_inputs, scale_q=True, device=DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -94,16 +37,15 @@ def test_fp32_matches_reference(seq, key_heads, heads, key_dim, value_dim, per_t
     options = {"scale": 0.7, "initial_state": initial_state, "final_state": final_state}
     expected = run(linear_attention_full, inputs, torch.float64, **options)
     actual = run(triton_linear_attention, inputs, torch.float32, **options)
-    assert actual["o"].shape == expected["o"].shape
-    assert_results_close(actual, expected, 1e-4, max_error_relative_to_magnitude)
+    assert_results_close(actual, expected, 1e-4, relative_max_error)
 
 
 def test_references_agree():
     """The full-matrix reference the other tests use equals the token-by-token recurrence."""
     inputs = make_inputs(1, 21, 1, 2, 24, 16, per_token_decay=True)
-    full = run(linear_attention_full, inputs, torch.float64)
-    recurrent = run(linear_attention_recurrent, inputs, torch.float64)
-    assert_results_close(full, recurrent, 1e-5, max_error_relative_to_magnitude)  # step keeps the state in fp32
+    full = run(linear_attention_full, inputs, torch.float64, scale=1.0)
+    recurrent = run(linear_attention_recurrent, inputs, torch.float64, scale=1.0)
+    assert_results_close(full, recurrent, 1e-5, relative_max_error)  # step keeps the state in fp32
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -153,4 +95,4 @@ def test_varlen_matches_per_document_loop(per_token_decay):
     inputs = make_inputs(1, 69, 1, 2, 24, 40, per_token_decay, sequences=5)
     expected = run(per_document(linear_attention_full), inputs, torch.float64, scale=0.6, cu_seqlens=cu_seqlens)
     actual = run(triton_linear_attention, inputs, torch.float32, scale=0.6, cu_seqlens=cu_seqlens)
-    assert_results_close(actual, expected, 1e-4, max_error_relative_to_magnitude)
+    assert_results_close(actual, expected, 1e-4, relative_max_error)
