@@ -1,5 +1,7 @@
 """Config loading, overrides and every validation error."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -85,7 +87,10 @@ def test_bad_files(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("tiny-dense", "llama-1b"):
+    names = sorted(path.stem for path in Path("configs").glob("*.yaml"))
+    assert {"tiny-dense", "tiny-hybrid", "tiny-moe", "tiny-moh", "llama-1b", "tnl-1b", "mamba2-hybrid-8b",
+            "mixtral-8x7b"} <= set(names)
+    for name in names:
         assert isinstance(load_config(f"configs/{name}.yaml"), Config)
 
 
