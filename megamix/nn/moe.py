@@ -201,7 +201,9 @@ class MoE(nn.Module):
                                        self.drop_policy)
         token = order // self.top_k
         routes = ExpertDispatch.plan(counts, self.ep)
-        expert_out = routes.combine(self._local_experts(routes.dispatch(tokens[token]), routes.local_counts))
+        # index_select, not tokens[token]: its backward is an index_add, not a serial index_put accumulate
+        rows = routes.dispatch(tokens.index_select(0, token))
+        expert_out = routes.combine(self._local_experts(rows, routes.local_counts))
         gated = expert_out * weights.flatten()[order, None].to(expert_out.dtype)
         return gated.new_zeros(tokens.shape).index_add(0, token, gated)
 
