@@ -37,6 +37,14 @@ def test_generation_steps_equal_the_parallel_form(kind):
     torch.testing.assert_close(torch.stack(steps, dim=1), parallel, rtol=1e-4, atol=1e-5)
 
 
+def test_causal_conv_equals_torch_depthwise_conv():
+    conv = mixer("M").conv1d
+    x = torch.randn(2, 9, conv.weight.shape[0], generator=torch.Generator().manual_seed(1))
+    expected = torch.nn.functional.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=conv.kernel - 1,
+                                          groups=x.shape[-1])[..., :9].transpose(1, 2)
+    torch.testing.assert_close(conv(x), expected)
+
+
 def test_mamba2_initialisation_follows_the_paper():
     layer = mixer("M", "model.mamba.dt_min=0.002", "model.mamba.dt_max=0.05")
     dt = torch.nn.functional.softplus(layer.dt_bias)

@@ -40,8 +40,14 @@ class CausalConv1d(nn.Module):
         self.bias = nn.Parameter(torch.empty(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv1d(x.transpose(1, 2), self.weight, self.bias, padding=self.kernel - 1, groups=x.shape[-1])
-        return y[..., : x.shape[1]].transpose(1, 2)
+        # the sum of kernel shifted products: on CPU several times faster, backward included, than
+        # the oneDNN depthwise convolution (whose backward is slowest on the [batch, seq, channels] layout)
+        padded = F.pad(x, (0, 0, self.kernel - 1, 0))
+        weight, seq = self.weight.squeeze(1).to(x.dtype), x.shape[1]
+        y = self.bias.to(x.dtype) + padded[:, :seq] * weight[:, 0]
+        for j in range(1, self.kernel):
+            y = torch.addcmul(y, padded[:, j : j + seq], weight[:, j])
+        return y
 
     def step(self, x: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token ``x [batch, channels]`` with the previous ``kernel − 1`` inputs ``window
