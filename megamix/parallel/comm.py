@@ -10,6 +10,10 @@ With SP the activations between the pairs are sharded along the sequence (dim 1)
     gather_sequence          forward all-gather       backward reduce-scatter
     reduce_scatter_sequence  forward reduce-scatter   backward all-gather
 
+Context parallel (CP) gathers small per-rank pieces (recurrent states, convolution halos):
+
+    gather_parts      forward all-gather (dim 0)  backward reduce-scatter
+
 Expert parallel (EP) moves token rows between the ranks holding different experts:
 
     exchange_rows     forward all-to-all (rows split per rank)    backward the reverse all-to-all
@@ -162,10 +166,19 @@ def _reduce_scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
     return reduce_scatter(x, group, dim=1)
 
 
+def _gather_parts(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return all_gather(x, group, dim=0)
+
+
+def _reduce_scatter_parts(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return reduce_scatter(x, group, dim=0)
+
+
 copy_to_tp = _autograd_pair(_identity, _sum)
 reduce_from_tp = _autograd_pair(_sum, _identity)
 gather_sequence = _autograd_pair(_gather_seq, _reduce_scatter_seq)
 reduce_scatter_sequence = _autograd_pair(_reduce_scatter_seq, _gather_seq)
+gather_parts = _autograd_pair(_gather_parts, _reduce_scatter_parts)
 
 
 class _ExchangeRows(torch.autograd.Function):
