@@ -117,6 +117,7 @@ def _megamix_mixer(pattern: str, seq: int):
     """Layer 0's mixer of a one-layer HybridModel (tiny vocabulary: the embedding is not measured)."""
     from megamix.config import load_config
     from megamix.models import HybridModel
+    from megamix.parallel.context_parallel import SequenceLayout
 
     overrides = [f"model.pattern={pattern}", f"model.hidden_size={HIDDEN}", f"model.num_heads={L_HEADS}",
                  f"model.num_kv_heads={L_HEADS}", f"model.head_dim={L_HEAD_DIM}", "model.vocab_size=256",
@@ -124,7 +125,7 @@ def _megamix_mixer(pattern: str, seq: int):
                  f"model.mamba.state_size={M_STATE}", f"model.mamba.num_groups={M_GROUPS}",
                  f"model.mamba.conv_kernel={M_CONV}"]
     model = HybridModel(load_config(None, overrides).model).train()
-    return model.layers["0"].mixer, model.forward_context(seq, torch.device("cpu"))
+    return model.layers["0"].mixer, model.forward_context(SequenceLayout(seq), torch.device("cpu"))
 
 
 def _layer(mixer: torch.nn.Module, seq: int, call: Callable[[torch.Tensor], torch.Tensor]):

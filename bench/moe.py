@@ -51,6 +51,8 @@ from collections.abc import Callable
 
 import torch
 
+from megamix.parallel.context_parallel import SequenceLayout
+
 HIDDEN = 512
 MOE_FFN, NUM_EXPERTS, TOP_K = 1024, 8, 2
 HEADS, KV_HEADS, HEAD_DIM, SHARED_HEADS = 8, 8, 64, 2
@@ -125,7 +127,7 @@ def moe_systems(tokens: int, hf_eager: bool) -> tuple[dict, dict]:
     transformers.logging.set_verbosity_error()
     model, moe = one_layer_model("E", [f"model.moe.ffn_hidden_size={MOE_FFN}", f"model.moe.num_experts={NUM_EXPERTS}",
                                        f"model.moe.top_k={TOP_K}"])
-    ctx = model.forward_context(tokens, torch.device("cpu"))
+    ctx = model.forward_context(SequenceLayout(tokens), torch.device("cpu"))
     torch.manual_seed(0)
     x = torch.randn(1, tokens, HIDDEN, requires_grad=True)
     systems = {"megamix": fwd_bwd(lambda: moe(x, ctx), [x, *moe.parameters()], model.aux.pop)}
@@ -171,7 +173,7 @@ def moh_systems(seq: int) -> tuple[dict, dict]:
         overrides = ([] if top_k is None else
                      [f"model.moh.shared_heads={SHARED_HEADS}", f"model.moh.routed_top_k={top_k}"])
         model, mixer = one_layer_model("*" if top_k is None else "H", overrides)
-        ctx = model.forward_context(seq, torch.device("cpu"))
+        ctx = model.forward_context(SequenceLayout(seq), torch.device("cpu"))
         systems[name] = fwd_bwd(lambda mixer=mixer, ctx=ctx: mixer(x, ctx), [x, *mixer.parameters()], model.aux.pop)
         if top_k is not None:
             with torch.no_grad():

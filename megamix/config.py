@@ -137,6 +137,7 @@ class DataConfig:
     seq_len: int = 256
     datasets: list[DatasetSpec] = field(default_factory=lambda: [DatasetSpec("builtin")])
     tokenizer: str | None = None  # None: the ``.model`` beside the first dataset
+    reset_at_eos: bool = True  # packed documents: no mixer looks across an EOS, positions restart, loss masked
     cache_dir: str | None = None  # None: $MEGAMIX_CACHE or ~/.cache/megamix (the builtin corpus)
 
 
@@ -430,6 +431,13 @@ def validate(c: Config) -> None:
              f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by parallel.tp ({p.tp})")
 
     _require(d.seq_len > 0, f"data.seq_len: must be positive, got {d.seq_len}")
+    _require(p.cp == 1 or d.seq_len % (2 * p.cp) == 0,
+             f"data.seq_len={d.seq_len} must be a multiple of 2 × parallel.cp = {2 * p.cp} (each cp rank holds two "
+             f"chunks of every sample)")
+    if "M" in m.pattern:
+        _require(d.seq_len // (2 * p.cp if p.cp > 1 else 1) >= m.mamba.conv_kernel - 1,
+                 f"data.seq_len={d.seq_len}: the chunks of parallel.cp={p.cp} must hold at least "
+                 f"model.mamba.conv_kernel − 1 = {m.mamba.conv_kernel - 1} tokens")
     _require(len(d.datasets) > 0, "data.datasets: needs at least one dataset, e.g. [{path: builtin}]")
     for i, ds in enumerate(d.datasets):
         _require(ds.weight > 0, f"data.datasets[{i}].weight: must be positive, got {ds.weight}")

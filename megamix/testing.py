@@ -227,6 +227,20 @@ def get_pool(world_size: int) -> DistributedPool:
     return pool
 
 
+def full_gradients(model, parallel) -> dict:
+    """Every parameter's global gradient (after the TP sum of partial gradients the optimizer does),
+    to compare a parallel run with one process."""
+    from megamix.parallel.sharding import full_tensor, sharding_of, sum_partial_gradient
+
+    grads = {}
+    for name, param in model.named_parameters():
+        sharding = sharding_of(param, parallel.tp.size)
+        if sharding.partial_grads:
+            sum_partial_gradient(param.grad, sharding, parallel.tp)
+        grads[name] = full_tensor(param.grad, sharding, parallel.tp)
+    return grads
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float | None = None, **kwargs) -> list:
     """`fn(*args, **kwargs)` on `world_size` ranks of the shared pool; results in rank order."""
     return get_pool(world_size).run(fn, *args, timeout=timeout, **kwargs)

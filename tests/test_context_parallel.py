@@ -3,11 +3,16 @@
 import pytest
 import torch
 
-from megamix.parallel import ParallelState, record_communication
+from megamix.config import load_config
+from megamix.errors import ConfigError
+from megamix.models import HybridModel
+from megamix.parallel import ParallelState, record_communication, vocab_parallel_cross_entropy
+from megamix.parallel.comm import all_reduce
 from megamix.parallel.context_parallel import SequenceLayout, check_sequence_split, document_index
 from megamix.parallel.lasp import context_linear_attention
-from megamix.errors import ConfigError
-from megamix.testing import run_distributed
+from megamix.testing import full_gradients, run_distributed
+from megamix.train import Trainer
+from megamix.train.batches import split_micro_batch
 from megamix_kernels.linear_attention import linear_attention_full
 
 BATCH, HEADS, KEY_HEADS, KEY_DIM, VALUE_DIM = 2, 4, 2, 8, 8
@@ -111,3 +116,109 @@ def test_layout_chunks_and_positions():
     assert layout.segment_starts().tolist() == [[True, False, False, True, False, False, False, True]]
     with pytest.raises(ConfigError, match="data.seq_len=6 must be a multiple of 2 × parallel.cp = 4"):
         check_sequence_split(6, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models
+
+MODEL = ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=96",
+         "model.vocab_size=256", "model.mamba.head_dim=16", "model.mamba.state_size=16", "model.mamba.num_groups=2",
+         "model.moh.shared_heads=2", "model.moh.routed_top_k=1", "model.moe.num_experts=4",
+         "model.moe.ffn_hidden_size=64", "model.moe.z_loss_coeff=0.001"]
+HYBRID = "ML*HE-"
+RTOL = 1e-5
+
+
+def model_loss(cp: int, tp: int, pattern: str, packed: bool, seq: int = 64):
+    """Per-token losses (with their sample positions), the micro-batch loss and the global gradients (summed
+    over the cp ranks, as the optimizer's reduction does) of one forward and backward."""
+    parallel = ParallelState.create(tp=tp, cp=cp)
+    cfg = load_config(None, [*MODEL, f"model.pattern={pattern}"]).model
+    model = HybridModel(cfg, seed=7, tp=parallel.tensor_parallel)
+    micro = split_micro_batch(sample_tokens(seq + 1, seed=2), parallel.cp, EOS if packed else None)
+    per_token = vocab_parallel_cross_entropy(model(micro.inputs, micro.sequence), micro.targets,
+                                             parallel.tensor_parallel)
+    share = (per_token * micro.weights).sum()
+    share.backward()
+    for param in model.parameters():
+        all_reduce(param.grad, parallel.cp)
+    return (micro.sequence.positions, per_token.detach(), all_reduce(share.detach(), parallel.cp).item(),
+            full_gradients(model, parallel))
+
+
+def assert_model_parity(results, reference):
+    positions, per_token, loss, grads = reference
+    torch.testing.assert_close(assemble([(p, t) for p, t, _, _ in results], per_token), per_token,
+                               rtol=RTOL, atol=1e-6)
+    for _, _, parallel_loss, parallel_grads in results:
+        assert parallel_loss == pytest.approx(loss, rel=RTOL)
+        for name, grad in grads.items():
+            torch.testing.assert_close(parallel_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("pattern", ["*", "H", "L", "M"])
+@pytest.mark.parametrize("cp", [2, 4])
+def test_each_mixer_under_cp_equals_one_process(pattern, cp):
+    reference = model_loss(1, 1, pattern, packed=True)
+    assert_model_parity(run_distributed(model_loss, cp, cp, 1, pattern, True), reference)
+
+
+@pytest.mark.parametrize("cp, tp, packed", [(2, 1, False), (4, 1, False), (2, 1, True), (2, 2, True)],
+                         ids=["cp2", "cp4", "cp2-packed", "cp2xtp2-packed"])
+def test_hybrid_model_under_cp_equals_one_process(cp, tp, packed):
+    reference = model_loss(1, 1, HYBRID, packed)
+    assert_model_parity(run_distributed(model_loss, cp * tp, cp, tp, HYBRID, packed), reference)
+
+
+def test_packed_documents_equal_running_each_document_alone():
+    cfg = load_config(None, [*MODEL, f"model.pattern={HYBRID}"]).model
+    model = HybridModel(cfg, seed=7)
+    tokens = sample_tokens(64, seed=3)
+    documents = document_index(tokens, EOS)
+    packed = model(tokens, SequenceLayout(64, documents=documents))
+    for row in range(tokens.shape[0]):
+        for document in documents[row].unique():
+            span = (documents[row] == document).nonzero().squeeze(1)
+            alone = model(tokens[row : row + 1, span])
+            torch.testing.assert_close(packed[row : row + 1, span], alone, rtol=1e-5, atol=1e-5)
+
+
+def mixer_bytes(pattern: str, seq: int) -> float:
+    """Bytes this rank sends in one forward and backward of a one-layer model under cp=2."""
+    parallel = ParallelState.create(cp=2)
+    cfg = load_config(None, [*MODEL, f"model.pattern={pattern}"]).model
+    model = HybridModel(cfg, seed=7)
+    micro = split_micro_batch(sample_tokens(seq + 1, seed=2), parallel.cp, EOS)
+    hidden = model.embed(micro.inputs).detach().requires_grad_()
+    layer = model.layers["0"]
+    with record_communication() as recorder:
+        layer(hidden, model.forward_context(micro.sequence, hidden.device)).sum().backward()
+    return recorder.bytes_sent
+
+
+@pytest.mark.parametrize("pattern", ["L", "M"])
+def test_linear_mixer_bytes_do_not_grow_with_the_sequence(pattern):
+    short, long = (run_distributed(mixer_bytes, 2, pattern, seq)[0] for seq in (64, 128))
+    assert short > 0 and long == short
+
+
+TRAIN = [*MODEL, "model.pattern=M-L*", "data.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4",
+         "train.warmup_steps=2", "train.lr=3e-3", "train.steps=4", "log.tensorboard=false"]
+
+
+def train_run(cache, log_dir, overrides):
+    config = load_config("configs/tiny-dense.yaml", [*TRAIN, "model.vocab_size=4096", f"data.cache_dir={cache}",
+                                                     f"log.dir={log_dir}", *overrides])
+    trainer = Trainer(config)
+    return [trainer.train_step() for _ in range(config.train.steps)]
+
+
+@pytest.mark.parametrize("world, overrides", [(2, ["parallel.cp=2"]), (4, ["parallel.cp=2", "parallel.tp=2"]),
+                                              (4, ["parallel.cp=2", "parallel.pp=2"])],
+                         ids=["cp2", "cp2xtp2", "cp2xpp2"])
+def test_training_under_cp_equals_one_process(tmp_path, builtin_cache, world, overrides):
+    reference = train_run(builtin_cache, tmp_path / "single", [])
+    for steps in run_distributed(train_run, world, builtin_cache, tmp_path / "cp", overrides):
+        for (loss, norm), (expected_loss, expected_norm) in zip(steps, reference):
+            assert loss == pytest.approx(expected_loss, rel=RTOL)
+            assert norm == pytest.approx(expected_norm, rel=RTOL)

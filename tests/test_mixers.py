@@ -11,6 +11,7 @@ from megamix.config import load_config
 from megamix.errors import ConfigError
 from megamix.models import HybridModel
 from megamix.nn.lightning import lightning_log_decay
+from megamix.parallel.context_parallel import SequenceLayout
 from megamix.train import train
 
 HYBRID = ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=96",
@@ -18,17 +19,20 @@ HYBRID = ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "
           "model.mamba.num_groups=2"]
 
 
+def model(kind: str, *overrides: str) -> HybridModel:
+    return HybridModel(load_config(None, [*HYBRID, f"model.pattern={kind}", *overrides]).model, seed=3)
+
+
 def mixer(kind: str, *overrides: str):
-    cfg = load_config(None, [*HYBRID, f"model.pattern={kind}", *overrides]).model
-    return HybridModel(cfg, seed=3).layers["0"].mixer
+    return model(kind, *overrides).layers["0"].mixer
 
 
 @pytest.mark.parametrize("kind", ["L", "M"])
 def test_generation_steps_equal_the_parallel_form(kind):
-    layer = mixer(kind)
+    whole = model(kind)
+    layer = whole.layers["0"].mixer
     x = torch.randn(2, 19, 64, generator=torch.Generator().manual_seed(0))
-    model_ctx = None  # neither mixer reads the rotary tables
-    parallel = layer(x, model_ctx)
+    parallel = layer(x, whole.forward_context(SequenceLayout(19), x.device))
     state = layer.initial_state(2, "cpu")
     steps = []
     for t in range(x.shape[1]):
@@ -42,7 +46,7 @@ def test_causal_conv_equals_torch_depthwise_conv():
     x = torch.randn(2, 9, conv.weight.shape[0], generator=torch.Generator().manual_seed(1))
     expected = torch.nn.functional.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=conv.kernel - 1,
                                           groups=x.shape[-1])[..., :9].transpose(1, 2)
-    torch.testing.assert_close(conv(x), expected)
+    torch.testing.assert_close(conv(x, SequenceLayout(9)), expected)
 
 
 def test_mamba2_initialisation_follows_the_paper():

@@ -16,6 +16,7 @@ from megamix.parallel import (
     sharding_of,
 )
 from megamix.parallel.comm import all_reduce
+from megamix.parallel.context_parallel import SequenceLayout
 from megamix.parallel.sharding import full_tensor, sum_partial_gradient
 from megamix.testing import run_distributed
 
@@ -26,7 +27,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") ->
 
 
 def context() -> ForwardContext:
-    return ForwardContext(rope_cos=torch.empty(0), rope_sin=torch.empty(0))
+    return ForwardContext(rope_cos=torch.empty(0), rope_sin=torch.empty(0), sequence=SequenceLayout(1))
 
 
 def randomize(layer: MoE, seed: int = 0) -> MoE:

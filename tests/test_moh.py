@@ -16,6 +16,7 @@ from megamix.errors import ConfigError
 from megamix.nn import Attention, ForwardContext, init_parameters, moh, rotary_tables
 from megamix.nn.moh import MoHAttention
 from megamix.parallel import NO_TENSOR_PARALLEL, Group, ParallelState, TensorParallel, record_communication
+from megamix.parallel.context_parallel import SequenceLayout
 from megamix.testing import run_distributed
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 40, 8, 2, 10
@@ -33,7 +34,7 @@ def build(shared: int, top_k: int, aux_loss_coeff: float = 0.0, tp: TensorParall
 
 def context() -> ForwardContext:
     cos, sin = rotary_tables(torch.arange(SEQ), HEAD_DIM, 10000.0)
-    return ForwardContext(cos, sin)
+    return ForwardContext(cos, sin, SequenceLayout(SEQ))
 
 
 def inputs(seed: int = 0) -> torch.Tensor:

@@ -19,9 +19,10 @@ from megamix.errors import ConfigError
 from megamix.models import HybridModel
 from megamix.parallel import ParallelState, check_layout, record_communication, sharding_of
 from megamix.parallel import vocab_parallel_cross_entropy
-from megamix.parallel.sharding import full_tensor, sum_partial_gradient
-from megamix.testing import run_distributed
+from megamix.parallel.sharding import full_tensor
+from megamix.testing import full_gradients, run_distributed
 from megamix.train import Trainer
+from megamix.parallel.context_parallel import SequenceLayout
 
 MODEL = ["model.pattern=*-*-", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2",
          "model.ffn_hidden_size=96", "model.vocab_size=4096"]
@@ -33,17 +34,6 @@ RTOL = 1e-5
 MOE = ["model.pattern=*E*-", "model.moe.num_experts=4", "model.moe.ffn_hidden_size=64",
        "model.moe.bias_update_rate=0.01"]
 HYBRID = ["model.pattern=M-L*", "model.mamba.head_dim=16", "model.mamba.state_size=16", "model.mamba.num_groups=2"]
-
-
-def full_gradients(model, parallel):
-    """Every parameter's global gradient, after the TP sum of partial gradients the optimizer does."""
-    grads = {}
-    for name, param in model.named_parameters():
-        sharding = sharding_of(param, parallel.tp.size)
-        if sharding.partial_grads:
-            sum_partial_gradient(param.grad, sharding, parallel.tp)
-        grads[name] = full_tensor(param.grad, sharding, parallel.tp)
-    return grads
 
 
 def model_forward_backward(tp, sequence_parallel, overrides):
@@ -86,7 +76,7 @@ def dense_layer_communication(sequence_parallel):
     seq = 16
     x = torch.randn(2, seq // 2 if sequence_parallel else seq, 64, generator=torch.Generator().manual_seed(0),
                     requires_grad=True)
-    ctx = model.forward_context(seq, x.device)
+    ctx = model.forward_context(SequenceLayout(seq), x.device)
     with record_communication() as recorder:
         y = x
         for layer in model.layers.values():

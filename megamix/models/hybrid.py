@@ -34,6 +34,7 @@ from megamix.parallel import (
     mark_sequence_parallel,
     sharding_of,
 )
+from megamix.parallel.context_parallel import SequenceLayout
 from megamix.parallel.pipeline import STAGE_MARK, StageSpec, mark_tied_across_stages
 from megamix.parallel.sharding import materialize
 
@@ -157,14 +158,18 @@ class HybridModel(nn.Module):
         if torch.device(device).type != "meta":  # a meta model only plans: counts parameters and FLOPs
             init_parameters(self, seed, cfg.init_std, cfg.num_layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """tokens ``[batch, seq]`` (first stage) or hidden states → hidden states or logits (last stage)."""
+    def forward(self, x: torch.Tensor, sequence: SequenceLayout | None = None) -> torch.Tensor:
+        """tokens ``[batch, seq]`` (first stage) or hidden states → hidden states or logits (last stage).
+
+        ``sequence``: where the tokens sit in their samples (this rank's share under context parallelism) and
+        the documents packed in them; by default each row is one whole sample of one document.
+        """
+        if sequence is None:
+            seq_len = x.shape[1] * (self.tp.size if self.tp.sequence_parallel and not self.takes_tokens else 1)
+            sequence = SequenceLayout(seq_len)
         if self.takes_tokens:
-            seq_len = x.shape[1]
             x = self.embed(x)  # [batch, seq / tp, hidden] under SP
-        else:
-            seq_len = x.shape[1] * (self.tp.size if self.tp.sequence_parallel else 1)
-        ctx = self.forward_context(seq_len, x.device)
+        ctx = self.forward_context(sequence, x.device)
         for layer in self.layers.values():
             if self.recompute and self.training:
                 x = checkpoint(layer, x, ctx, use_reentrant=False)
@@ -177,12 +182,14 @@ class HybridModel(nn.Module):
             return self.lm_head(x)
         return column_parallel_linear(x, self.embed.weight, self.tp)
 
-    def forward_context(self, seq_len: int, device: torch.device) -> ForwardContext:
-        """What every mixer of this forward shares: the rotary tables of positions 0 … seq_len − 1
-        (without rotary embeddings, every position's angle is 0: the rotation is the identity)."""
-        positions = torch.arange(seq_len, device=device) if self.rope_theta else torch.zeros(seq_len, device=device)
+    def forward_context(self, sequence: SequenceLayout, device: torch.device) -> ForwardContext:
+        """What every mixer of this forward shares: the layout and the rotary tables of each token's position
+        in its document (without rotary embeddings, every angle is 0: the rotation is the identity)."""
+        positions = sequence.document_positions.to(device)
+        if not self.rope_theta:
+            positions = torch.zeros_like(positions)
         cos, sin = rotary_tables(positions, self.head_dim, self.rope_theta or 1.0)
-        return ForwardContext(rope_cos=cos, rope_sin=sin, aux=self.aux)
+        return ForwardContext(rope_cos=cos, rope_sin=sin, sequence=sequence, aux=self.aux)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count of the whole model (all TP shards), optionally without the input embedding

@@ -7,6 +7,8 @@ from torch import nn
 from megamix.nn.context import ForwardContext
 from megamix.nn.rotary import apply_rotary
 from megamix.parallel import NO_TENSOR_PARALLEL, ColumnParallelLinear, RowParallelLinear, TensorParallel
+from megamix.parallel.context_parallel import SequenceLayout
+from megamix.parallel.ring_attention import context_attention
 from megamix.parallel.tensor_parallel import tp_input
 
 try:
@@ -28,6 +30,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
     )
     return out.transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence: SequenceLayout) -> torch.Tensor:
+    """:func:`causal_attention` over this rank's tokens of ``sequence`` (same shapes): each query sees the keys
+    at earlier positions of its document, on this rank or (context parallelism) on the others."""
+    if sequence.is_trivial:
+        return causal_attention(q, k, v)
+    return context_attention(q, k, v, sequence)
 
 
 class SplitRotaryFunction(torch.autograd.Function):
@@ -86,7 +96,7 @@ class Attention(nn.Module):
         self.out_proj = RowParallelLinear(num_heads * head_dim, hidden_size, tp)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.project_out(causal_attention(*self.project_in(tp_input(x, self.tp), ctx)))
+        return self.project_out(attention(*self.project_in(tp_input(x, self.tp), ctx), ctx.sequence))
 
     def project_in(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The full-sequence input ``x [batch, seq, hidden]`` (:func:`tp_input`: gathered under SP, so

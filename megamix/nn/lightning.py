@@ -14,7 +14,8 @@ from torch import nn
 from megamix.nn.context import ForwardContext
 from megamix.nn.norms import SRMSNorm
 from megamix.parallel import NO_TENSOR_PARALLEL, ColumnParallelLinear, RowParallelLinear, TensorParallel
-from megamix_kernels.linear_attention import linear_attention, step
+from megamix.parallel.lasp import context_linear_attention
+from megamix_kernels.linear_attention import step
 
 # The kernels' default chunk, for the FLOP count only.
 CHUNK_SIZE = 64
@@ -72,7 +73,7 @@ class LightningAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q, k, v, u = self._project(x)
         log_decay = torch.tensor(self.log_decay, device=x.device)
-        o, _ = linear_attention(q, k, v, log_decay)
+        o = context_linear_attention(q, k, v, log_decay, ctx.sequence)
         return self._output(o, u)
 
     def initial_state(self, batch: int, device: torch.device | str) -> torch.Tensor:

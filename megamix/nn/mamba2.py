@@ -15,8 +15,10 @@ from torch import nn
 from megamix.nn.context import ForwardContext
 from megamix.nn.norms import GatedRMSNorm
 from megamix.parallel import NO_TENSOR_PARALLEL, ColumnParallelLinear, RowParallelLinear, TensorParallel
+from megamix.parallel.context_parallel import SequenceLayout, preceding_tokens
+from megamix.parallel.lasp import context_linear_attention
 from megamix.parallel.sharding import set_sharding, split_parts
-from megamix_kernels.linear_attention import linear_attention, step
+from megamix_kernels.linear_attention import step
 
 # The kernels' default chunk, for the FLOP count only.
 CHUNK_SIZE = 64
@@ -39,15 +41,28 @@ class CausalConv1d(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
         self.bias = nn.Parameter(torch.empty(channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+        """Over this rank's tokens of ``layout``: each chunk sees the ``kernel − 1`` tokens before it
+        (from the rank holding them), and no token sees past the start of its document."""
         # the sum of kernel shifted products: on CPU several times faster, backward included, than
         # the oneDNN depthwise convolution (whose backward is slowest on the [batch, seq, channels] layout)
-        padded = F.pad(x, (0, 0, self.kernel - 1, 0))
-        weight, seq = self.weight.squeeze(1).to(x.dtype), x.shape[1]
-        y = self.bias.to(x.dtype) + padded[:, :seq] * weight[:, 0]
-        for j in range(1, self.kernel):
-            y = torch.addcmul(y, padded[:, j : j + seq], weight[:, j])
-        return y
+        batch, seq, channels = x.shape
+        width = self.kernel - 1
+        if layout.is_trivial:
+            padded = F.pad(x, (0, 0, width, 0))
+        else:
+            chunks, seq = len(layout.chunks), layout.chunk_len
+            before = preceding_tokens(x, layout, width)
+            padded = torch.cat([before, x.view(batch, chunks, seq, channels)], dim=2).flatten(0, 1)
+        weight = self.weight.squeeze(1).to(x.dtype)
+        y = self.bias.to(x.dtype) + padded[:, width:] * weight[:, width]
+        for shift in range(1, self.kernel):
+            earlier = padded[:, width - shift : width - shift + seq]
+            same_document = layout.same_document(shift)
+            if same_document is not None:
+                earlier = earlier * same_document.view(earlier.shape[0], seq, 1).to(x.dtype)
+            y = torch.addcmul(y, earlier, weight[:, width - shift])
+        return y.view(batch, -1, channels)
 
     def step(self, x: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token ``x [batch, channels]`` with the previous ``kernel − 1`` inputs ``window
@@ -117,8 +132,8 @@ class Mamba2Mixer(nn.Module):
     def forward(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         z, xbc, dt = self.in_proj(hidden).split([self.local_parts[0], sum(self.local_parts[1:4]),
                                                  self.local_parts[4]], dim=-1)
-        x, b, c, dt, log_decay = self._ssm_inputs(F.silu(self.conv1d(xbc)), dt)
-        y, _ = linear_attention(c, b, x * dt.unsqueeze(-1).to(x.dtype), log_decay)
+        x, b, c, dt, log_decay = self._ssm_inputs(F.silu(self.conv1d(xbc, ctx.sequence)), dt)
+        y = context_linear_attention(c, b, x * dt.unsqueeze(-1).to(x.dtype), log_decay, ctx.sequence)
         return self._output(y, x, z)
 
     def initial_state(self, batch: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

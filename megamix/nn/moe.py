@@ -227,33 +227,30 @@ class MoE(nn.Module):
         logits, scores ``[batch, seq_local, E]`` of this rank's tokens; indices ``[batch, seq, k]`` of all.
         """
         batch, seq, _ = indices.shape
-        load = indices.new_zeros(batch, self.num_experts).scatter_add_(  # [batch, E] per sequence
+        local_load = indices.new_zeros(batch, self.num_experts).scatter_add_(  # [batch, E] per sequence
             1, indices.flatten(1), torch.ones_like(indices).flatten(1))
+        # under context parallelism each sequence is spread over the cp ranks: balance the whole sequences
+        cp = ctx.sequence.group
+        load = comm.all_reduce(local_load.clone(), cp)
+        seq_tokens = seq * cp.size
         probs = scores if self.score == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
         prob_sum = probs.sum(dim=1)  # [batch, E]
         if self.aux_loss_type == "batch":
-            load, prob_sum, group_tokens = load.sum(0, keepdim=True), prob_sum.sum(0, keepdim=True), batch * seq
+            load, prob_sum, group_tokens = load.sum(0, keepdim=True), prob_sum.sum(0, keepdim=True), batch * seq_tokens
         else:
-            group_tokens = seq
-        aux_loss = self._over_sequence_shards(switch_aux_loss(prob_sum, load, group_tokens, self.top_k))
-        z_loss = self._over_sequence_shards(router_z_loss(logits, batch * seq))
+            group_tokens = seq_tokens
+        # the losses of this rank's tokens (a sequence shard under SP and CP), valued over all of them
+        shards = (self.tp.group, cp) if self.tp.sequence_parallel else (cp,)
+        aux_loss = comm.total_of_shares(switch_aux_loss(prob_sum, load, group_tokens, self.top_k), *shards)
+        z_loss = comm.total_of_shares(router_z_loss(logits, batch * seq_tokens), *shards)
         y = ctx.aux.attach(y, "moe_aux_loss", aux_loss, self.aux_loss_coeff)
         y = ctx.aux.attach(y, "moe_z_loss", z_loss, self.z_loss_coeff)
 
         tokens_per_expert = load.sum(0)
         ctx.aux.record(f"moe_load_imbalance/{self.name}", tokens_per_expert.max() / tokens_per_expert.float().mean())
         if self.training and self.bias_update_rate:
-            self.tokens_per_expert += tokens_per_expert
+            self.tokens_per_expert += local_load.sum(0)
         return y
-
-    def _over_sequence_shards(self, local: torch.Tensor) -> torch.Tensor:
-        """A loss that sums over tokens, from this rank's share: under SP the value is the sum over the
-        TP ranks' sequence shards (the micro-batch's loss, for the metrics) while the gradient stays this
-        rank's share (the TP ranks' router gradients are summed). Without SP, ``local`` is the whole loss."""
-        if not self.tp.sequence_parallel:
-            return local
-        whole = comm.all_reduce(local.detach().clone(), self.tp.group)
-        return local + (whole - local).detach()
 
     @torch.no_grad()
     def update_expert_bias(self, counts: torch.Tensor) -> None:

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamix.errors import ConfigError
-from megamix.nn.attention import Attention, causal_attention
+from megamix.nn.attention import Attention, attention, causal_attention
 from megamix.nn.context import ForwardContext
-from megamix.parallel import NO_TENSOR_PARALLEL, TensorParallel, set_sharding
+from megamix.parallel import NO_TENSOR_PARALLEL, SINGLE, Group, TensorParallel, set_sharding
+from megamix.parallel.comm import all_reduce, total_of_shares
 from megamix.parallel.sharding import whole
 from megamix.parallel.tensor_parallel import tp_input
 
@@ -105,16 +106,18 @@ class MoHAttention(Attention):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = tp_input(x, self.tp)  # shared by the router and the qkv projection
-        gates, balance_loss = self.route(x)
+        gates, balance_loss = self.route(x, ctx.sequence.group)
         ctx.aux.record("moh_active_heads", torch.tensor((self.shared_heads + self.top_k) / self.num_heads))
-        heads = self.attend(*self.project_in(x, ctx), gates)
+        heads = self.attend(*self.project_in(x, ctx), gates, ctx)
         # gates first: the product then takes their token-major layout, which flattens without a copy
         y = self.project_out(gates[..., None].to(heads.dtype) * heads)
         return ctx.aux.attach(y, "moh_aux_loss", balance_loss, self.aux_loss_coeff / self.tp.size)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, cp: Group = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [batch, seq, hidden]`` → this rank's gates g ``[batch, seq, local heads]`` (fp32, in head
-        order) and the load-balance loss L (see the class docstring for both)."""
+        order) and the load-balance loss L (see the class docstring for both). Under context parallelism
+        (``cp``) L is over the whole sequences: its value sums the cp ranks' shares, its gradient is this
+        rank's share."""
         with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
             logits = F.linear(x.float(), self.router.weight.float())
         shared_logits, routed_logits, balance_logits = logits.split([self.shared_heads, self.routed_heads, 2], dim=-1)
@@ -124,21 +127,26 @@ class MoHAttention(Attention):
         kept = p * chosen
         shared = alpha_shared * shared_logits.softmax(dim=-1)
         routed = alpha_routed * kept / kept.sum(dim=-1, keepdim=True)
-        balance_loss = self.routed_heads * (chosen.mean(dim=(0, 1)) / self.top_k * p.mean(dim=(0, 1))).sum()
+        tokens = x.shape[0] * x.shape[1] * cp.size
+        fraction = all_reduce(chosen.sum(dim=(0, 1)), cp) / (tokens * self.top_k)
+        share = self.routed_heads * (fraction * p.sum(dim=(0, 1)) / tokens).sum()
+        balance_loss = total_of_shares(share, cp)
         return self.in_head_order(self.local_share(shared), self.local_share(routed)), balance_loss
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
+               ctx: ForwardContext) -> torch.Tensor:
         """Head outputs ``[batch, seq, local heads, head_dim]`` (before gating) wherever the gate is not 0.
 
         When every routed head was selected by at most ``GATHER_MAX_FRACTION`` of the tokens, the
         shared heads run dense and the routed heads only over their selected query rows (padded
         with unselected ones up to the busiest head's count), so heads no token selected cost
-        only padding; otherwise all heads run in one dense causal call.
+        only padding; otherwise, and for packed documents or context parallelism, all heads run
+        in one dense causal call.
         """
         _, routed_gates = self.by_role(gates)
         rows = int((routed_gates > 0).sum(dim=1).max())
-        if rows > GATHER_MAX_FRACTION * q.shape[1]:
-            return causal_attention(q, k, v)
+        if rows > GATHER_MAX_FRACTION * q.shape[1] or not ctx.sequence.is_trivial:
+            return attention(q, k, v, ctx.sequence)
         per_kv = q.shape[2] // k.shape[2]
         (q_shared, q_routed), (k_shared, k_routed), (v_shared, v_routed) = (
             self.by_role(t) for t in (q, k.repeat_interleave(per_kv, dim=2), v.repeat_interleave(per_kv, dim=2)))

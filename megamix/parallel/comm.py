@@ -43,7 +43,8 @@ class CommRecorder:
     Bytes sent are those of the bandwidth-optimal ring algorithm for a payload of
     N bytes over p ranks: all-reduce 2(p−1)/p·N, all-gather and reduce-scatter
     (p−1)/p·N of the full (gathered) tensor, all-to-all (p−1)/p·N of its input
-    (exact when the rows are spread evenly over the ranks).
+    (exact when the rows are spread evenly over the ranks); a point-to-point
+    send_recv, the N bytes this rank sends.
     """
 
     calls: Counter = field(default_factory=Counter)
@@ -51,7 +52,8 @@ class CommRecorder:
 
     def record(self, kind: str, group_size: int, full_bytes: int) -> None:
         self.calls[(kind, group_size)] += 1
-        factor = 2 * (group_size - 1) / group_size if kind == "all_reduce" else (group_size - 1) / group_size
+        factor = {"all_reduce": 2 * (group_size - 1) / group_size,
+                  "send_recv": 1}.get(kind, (group_size - 1) / group_size)
         self.bytes_sent += factor * full_bytes
 
     def kinds(self) -> Counter:
@@ -127,6 +129,16 @@ def all_to_all(x: torch.Tensor, group: Group, send_splits: list[int] | None = No
     return out
 
 
+def total_of_shares(share: torch.Tensor, *groups: Group) -> torch.Tensor:
+    """A loss summed over tokens, from this rank's ``share`` of them: the value is the sum over ``groups``
+    (the whole loss, for the metrics), the gradient stays this rank's share (whose parameter gradients
+    the ranks' reduction adds up)."""
+    whole = share.detach().clone()
+    for group in groups:
+        all_reduce(whole, group)
+    return share + (whole - share).detach()
+
+
 # ---------------------------------------------------------------------------
 # Autograd functions
 
@@ -197,3 +209,28 @@ def exchange_rows(x: torch.Tensor, group: Group, send_splits: list[int], recv_sp
     """:func:`all_to_all` of the rows of ``x [rows, ...]``; the gradient of each received row
     goes back to the rank that sent it (the reverse all-to-all). Identity on a group of one."""
     return x if group.size == 1 else _ExchangeRows.apply(x, group, send_splits, recv_splits)
+
+
+# ---------------------------------------------------------------------------
+# Point-to-point ring exchange (ring attention)
+
+
+def ring_exchange(x: torch.Tensor, group: Group):
+    """Start sending ``x`` to rank + 1 of ``group`` and receiving rank − 1's tensor of the same shape and
+    dtype, without blocking; returns ``wait()``, which blocks until the exchange is done and gives the
+    received tensor. Every rank of the group must call it, in the same order as its other exchanges.
+    """
+    x = x.contiguous()
+    received = torch.empty_like(x)
+    send_to = dist.get_global_rank(group.group, (group.rank + 1) % group.size)
+    receive_from = dist.get_global_rank(group.group, (group.rank - 1) % group.size)
+    _issue("send_recv", group, x)
+    requests = dist.batch_isend_irecv([dist.P2POp(dist.isend, x, send_to, group.group),
+                                       dist.P2POp(dist.irecv, received, receive_from, group.group)])
+
+    def wait() -> torch.Tensor:
+        for request in requests:
+            request.wait()
+        return received
+
+    return wait

@@ -20,6 +20,7 @@ from functools import cached_property
 import torch
 
 from megamix.errors import ConfigError
+from megamix.parallel.comm import gather_parts
 from megamix.parallel.state import SINGLE, Group
 
 
@@ -70,12 +71,17 @@ class SequenceLayout:
     def chunks(self) -> tuple[int, ...]:
         """Global indices of the chunks this rank holds, in local order."""
         cp, rank = self.group.size, self.group.rank
-        return (0,) if cp == 1 else (rank, 2 * cp - 1 - rank)
+        return (0,) if cp == 1 else (rank, 2 * cp - 1 - rank)  # inverse: owner()
 
-    def chunks_of(self, rank: int) -> tuple[int, ...]:
-        """The chunks cp rank ``rank`` holds, in its local order."""
+    def owner(self, chunk: int) -> tuple[int, int]:
+        """(cp rank, local slot) of global chunk ``chunk``."""
         cp = self.group.size
-        return (0,) if cp == 1 else (rank, 2 * cp - 1 - rank)
+        return (chunk, 0) if chunk < cp else (2 * cp - 1 - chunk, 1)
+
+    @property
+    def is_trivial(self) -> bool:
+        """One rank and one document per sample: every mixer runs as on a plain batch."""
+        return self.group.size == 1 and self.documents is None
 
     def chunk_span(self, chunk: int) -> slice:
         """The positions of global chunk ``chunk`` in the full sample."""
@@ -122,3 +128,34 @@ class SequenceLayout:
             starts[:, 1:] = self.documents[:, 1:] != self.documents[:, :-1]
         starts[:, 0] = True
         return self.shard(starts)
+
+    def same_document(self, shift: int) -> torch.Tensor | None:
+        """Whether sample position p − ``shift`` lies in the document of p, for each local token
+        ``[batch, local_seq]`` (False before the sample start); None without documents."""
+        if self.documents is None:
+            return None
+        positions = self.positions.to(self.documents.device)
+        earlier = self.documents[:, (positions - shift).clamp(min=0)]
+        return (earlier == self.local_documents) & (positions >= shift)
+
+
+def preceding_tokens(x: torch.Tensor, layout: SequenceLayout, count: int) -> torch.Tensor:
+    """The ``count`` tokens before each local chunk in the sample: ``x [batch, local_seq, channels]`` →
+    ``[batch, chunks, count, channels]``, zeros before the sample start. What a causal convolution of
+    width count + 1 needs across a chunk boundary: under context parallelism the chunks' tails are
+    all-gathered (a payload independent of the sequence length), and gradients flow back to them."""
+    batch, _, channels = x.shape
+    chunks, chunk_len = len(layout.chunks), layout.chunk_len
+    if count > chunk_len:
+        raise ConfigError(f"a convolution window of {count + 1} tokens does not fit chunks of {chunk_len} tokens "
+                          f"(data.seq_len / (2 × parallel.cp)); use a longer data.seq_len or a smaller parallel.cp")
+    tails = x.view(batch, chunks, chunk_len, channels)[:, :, chunk_len - count:]
+    gathered = gather_parts(tails.unsqueeze(0), layout.group)  # [cp, batch, chunks, count, channels]
+    before = []
+    for chunk in layout.chunks:
+        if chunk == 0:
+            before.append(x.new_zeros(batch, count, channels))
+        else:
+            rank, slot = layout.owner(chunk - 1)
+            before.append(gathered[rank, :, slot])
+    return torch.stack(before, dim=1)

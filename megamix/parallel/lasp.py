@@ -49,7 +49,7 @@ def context_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     key_heads, key_dim = q.shape[2:]
     chunks, chunk_len = len(layout.chunks), layout.chunk_len
     parallel = layout.group.size > 1
-    if layout.documents is None and not parallel:
+    if layout.is_trivial:
         return linear_attention(q, k, v, log_decay, scale)[0]
 
     if layout.documents is None:  # each chunk is one sequence of the kernel's batch
@@ -94,11 +94,9 @@ def _incoming_state_output(q: torch.Tensor, log_decay: torch.Tensor, chunk_state
                             layout.group)  # [cp, batch, chunks, heads, key_dim · value_dim + 1]
     states = gathered[..., :-1].unflatten(-1, (key_dim, value_dim))
     carries = gathered[..., -1].exp()
-    owner = {chunk: (rank, slot) for rank in range(layout.group.size)
-             for slot, chunk in enumerate(layout.chunks_of(rank))}
     incoming = [torch.zeros_like(chunk_states[:, 0])]
     for chunk in range(max(layout.chunks)):
-        rank, slot = owner[chunk]
+        rank, slot = layout.owner(chunk)
         incoming.append(carries[rank, :, slot, :, None, None] * incoming[-1] + states[rank, :, slot])
     entering = torch.stack([incoming[chunk] for chunk in layout.chunks], dim=1)  # [batch, chunks, heads, K, V]
 

@@ -133,8 +133,9 @@ class PipelineSchedule:
         self.busy = 0.0
         stages = [PipelineStage(module, spec.index, spec.num_stages, device, group=parallel.pp.group)
                   for module, spec in zip(modules, specs)]
+        self.sequences: list = []
         for stage in stages:
-            stage.forward_one_chunk = self._timed(stage.forward_one_chunk)
+            stage.forward_one_chunk = self._timed(self._with_sequence(stage.forward_one_chunk))
             stage.backward_one_chunk = self._timed(stage.backward_one_chunk)
         if len(stages) == 1:
             self.schedule = Schedule1F1B(stages[0], micro_batches, loss_fn=loss_fn)
@@ -151,18 +152,29 @@ class PipelineSchedule:
                 self.busy += time.perf_counter() - start
         return timed
 
+    def _with_sequence(self, forward: Callable) -> Callable:
+        """A stage's forward of micro-batch i, given that micro-batch's layout (``sequences[i]``) as the
+        ``sequence`` argument of every stage module, not only the first stage's."""
+        def forward_with_sequence(fwd_chunk_id: int, args, kwargs=None, *rest, **options):
+            return forward(fwd_chunk_id, args, {**(kwargs or {}), "sequence": self.sequences[fwd_chunk_id]},
+                           *rest, **options)
+        return forward_with_sequence
+
     def bubble(self, step_time: float) -> float:
         """Idle fraction of the step, 1 − busy / step time, averaged over the pipeline ranks."""
         idle = torch.tensor(1.0 - self.busy / step_time, dtype=torch.float64)
         return all_reduce(idle, self.parallel.pp).item() / self.parallel.pp.size
 
-    def step(self, tokens: torch.Tensor) -> float:
-        """tokens ``[rank_batch, seq + 1]``: inputs and targets of this rank's micro-batches."""
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, sequences: list) -> float:
+        """One step over this rank's micro-batches: ``inputs [rank_batch, seq]`` (read by the first stage),
+        ``targets [rank_batch, ...]`` (by ``loss_fn`` on the last) and each micro-batch's
+        :class:`~megamix.parallel.context_parallel.SequenceLayout` (by every stage)."""
         losses: list[torch.Tensor] = []
+        self.sequences = sequences
         if self.is_first:
-            self.schedule.step(tokens[:, :-1], target=tokens[:, 1:] if self.is_last else None, losses=losses)
+            self.schedule.step(inputs, target=targets if self.is_last else None, losses=losses)
         elif self.is_last:
-            self.schedule.step(target=tokens[:, 1:], losses=losses)
+            self.schedule.step(target=targets, losses=losses)
         else:
             self.schedule.step()
         local = torch.stack(losses).mean() if losses else torch.zeros(())

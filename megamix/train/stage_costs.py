@@ -20,6 +20,7 @@ from megamix.models import HybridModel
 from megamix.parallel import Group, vocab_parallel_cross_entropy
 from megamix.parallel.comm import all_reduce
 from megamix.parallel.pipeline import STAGE_MARK
+from megamix.parallel.context_parallel import SequenceLayout
 
 
 def _seconds(run: Callable[[], torch.Tensor], repeats: int = 2) -> float:
@@ -42,7 +43,7 @@ def measured_layer_costs(cfg: ModelConfig, micro_batch: int, seq_len: int, devic
     probe = HybridModel(dataclasses.replace(cfg, pattern=distinct), device=device)
     tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device=device)
     hidden = torch.randn(micro_batch, seq_len, cfg.hidden_size, device=device, requires_grad=True)
-    ctx = probe.forward_context(seq_len, device)
+    ctx = probe.forward_context(SequenceLayout(seq_len), device)
     layers = dict(zip(distinct, probe.layers.values()))
 
     def head_and_loss() -> torch.Tensor:

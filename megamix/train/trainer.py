@@ -31,6 +31,7 @@ from megamix.parallel import vocab_parallel_cross_entropy
 from megamix.parallel.checkpointing import GlobalPieces
 from megamix.parallel.pipeline import PipelineSchedule, split_layers, stage_specs
 from megamix.parallel.comm import all_reduce
+from megamix.train.batches import split_micro_batch
 from megamix.train.device import peak_flops, peak_memory_mb, pick_device
 from megamix.train.metrics import MetricsLogger
 from megamix.train.stage_costs import measured_layer_costs
@@ -38,27 +39,33 @@ from megamix.train.schedule import learning_rate, set_learning_rate
 
 
 def build_parallel_state(config: Config) -> ParallelState:
-    """Join the process group (under torchrun) and build the layout's groups; refuse what is not built yet."""
+    """Join the process group (under torchrun) and build the layout's groups."""
     p = config.parallel
-    if p.cp > 1:
-        raise ConfigError(f"parallel.cp={p.cp}: context parallelism is not available yet; use parallel.cp=1")
     return ParallelState.create(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, sequence_parallel=p.sequence_parallel)
 
 
-def open_training_data(config: Config) -> SampleStream:
-    """The blended sample stream of ``data.datasets``; ``builtin`` is prepared on first use."""
+def open_training_data(config: Config) -> tuple[SampleStream, int | None]:
+    """The blended sample stream of ``data.datasets`` (``builtin`` is prepared on first use) and, with
+    ``data.reset_at_eos``, the tokenizer's EOS id that ends each packed document."""
     d = config.data
     cache = d.cache_dir or default_cache_dir()
     prefixes = [ensure_builtin(cache, config.model.vocab_size) if ds.path == "builtin" else ds.path
                 for ds in d.datasets]
     tokenizer_path = d.tokenizer or f"{prefixes[0]}.model"
+    eos_id = None
     if d.tokenizer is not None or Path(tokenizer_path).is_file():
-        vocab = Tokenizer.load(tokenizer_path).vocab_size
-        if vocab > config.model.vocab_size:
+        tokenizer = Tokenizer.load(tokenizer_path)
+        if tokenizer.vocab_size > config.model.vocab_size:
             raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) is smaller than the vocabulary "
-                              f"of tokenizer {tokenizer_path} ({vocab}); set model.vocab_size={vocab} or more")
+                              f"of tokenizer {tokenizer_path} ({tokenizer.vocab_size}); "
+                              f"set model.vocab_size={tokenizer.vocab_size} or more")
+        eos_id = tokenizer.eos_id
+    if d.reset_at_eos and eos_id is None:
+        raise ConfigError(f"data.reset_at_eos=true needs the EOS id of the data's tokenizer, but there is no "
+                          f"{tokenizer_path}; set data.tokenizer=PATH.model or data.reset_at_eos=false")
     datasets = [(IndexedDataset(prefix), ds.weight) for prefix, ds in zip(prefixes, d.datasets)]
-    return SampleStream(BlendedSamples(datasets, d.seq_len, config.train.seed))
+    stream = SampleStream(BlendedSamples(datasets, d.seq_len, config.train.seed))
+    return stream, (eos_id if d.reset_at_eos else None)
 
 
 class Trainer:
@@ -87,7 +94,7 @@ class Trainer:
         self.micro_batches = self.rank_batch // t.micro_batch_size
         self.tokens_per_step = t.global_batch_size * config.data.seq_len
         torch.manual_seed(t.seed)
-        self.stream = open_training_data(config)
+        self.stream, self.eos_id = open_training_data(config)
         self.stages, self.pipeline = self._build_model()
         self.optimizer = DistributedOptimizer(self.named_parameters(), self.parallel, lr=t.lr,
                                               betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
@@ -111,12 +118,13 @@ class Trainer:
             specs = stage_specs(split, self.parallel)
             stages = [build(stage=spec) for spec in specs]
             pipeline = PipelineSchedule(stages, specs, self.parallel, self.device, self.micro_batches,
-                                        loss_fn=lambda logits, targets: self._loss(logits, targets))
+                                        loss_fn=self._pipeline_loss)
         for stage in stages:
             stage.recompute = t.recompute
             # auxiliary losses are weighted like each micro-batch's loss: divided by the number of
-            # micro-batches here, by the pipeline schedule's gradient scaling under pp
-            stage.aux.grad_scale = 1.0 if pipeline is not None else 1.0 / self.micro_batches
+            # micro-batches here, by the pipeline schedule's gradient scaling under pp; times cp, as
+            # each context-parallel rank's share of the loss (see _loss)
+            stage.aux.grad_scale = self.parallel.cp.size * (1.0 if pipeline is not None else 1.0 / self.micro_batches)
         return stages, pipeline
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -191,27 +199,39 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of one micro-batch (vocabulary-parallel under TP)."""
-        return vocab_parallel_cross_entropy(logits, targets, self.tp).mean()
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a micro-batch's mean next-token cross-entropy (vocabulary-parallel under TP),
+        times cp: gradients are averaged over dp × cp ranks, and the cp ranks' shares add up to the loss."""
+        return self.parallel.cp.size * (vocab_parallel_cross_entropy(logits, targets, self.tp) * weights).sum()
+
+    def _pipeline_loss(self, logits: torch.Tensor, targets_and_weights: torch.Tensor) -> torch.Tensor:
+        """:meth:`_loss` of the last stage, whose targets and weights travel as one ``[batch, seq, 2]`` fp64 tensor
+        (the schedule splits a single target tensor into micro-batches; token ids are exact in fp64)."""
+        targets, weights = targets_and_weights.unbind(-1)
+        return self._loss(logits, targets.long(), weights.float())
 
     def compute_gradients(self) -> float:
         """Forward and backward over this rank's micro-batches; gradients reduced; returns the global mean loss."""
         t = self.config.train
         batch = self.stream.next_batch(t.global_batch_size)
         mine = batch.narrow(0, self.parallel.dp.rank * self.rank_batch, self.rank_batch).to(self.device)
+        micros = [split_micro_batch(micro, self.parallel.cp, self.eos_id) for micro in mine.split(t.micro_batch_size)]
         if self.pipeline is not None:
+            targets = torch.cat([torch.stack([m.targets.double(), m.weights.double()], dim=-1) for m in micros])
             with self._autocast():
-                total_loss = torch.tensor(self.pipeline.step(mine), device=self.device)
+                total_loss = self.pipeline.step(torch.cat([m.inputs for m in micros]), targets,
+                                                [m.sequence for m in micros])
+            total_loss = torch.tensor(total_loss, device=self.device)
         else:
             total_loss = torch.zeros((), device=self.device)
-            for micro in mine.split(t.micro_batch_size):
+            for micro in micros:
                 with self._autocast():
-                    logits = self.stages[0](micro[:, :-1])
-                loss = self._loss(logits, micro[:, 1:])
+                    logits = self.stages[0](micro.inputs, micro.sequence)
+                loss = self._loss(logits, micro.targets, micro.weights)
                 (loss / self.micro_batches).backward()
                 total_loss += loss.detach()
             total_loss /= self.micro_batches
+        # each rank holds cp × its share: the sum over dp × cp ranks / (dp · cp) is the mean over dp
         all_reduce(total_loss, self.parallel.grad).div_(self.parallel.grad.size)
         self.optimizer.reduce_gradients()
         self._update_expert_biases()
