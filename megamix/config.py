@@ -119,6 +119,7 @@ class ParallelConfig:
     pp: int = 1
     vpp: int = 1
     cp: int = 1
+    cp_comm: Literal["ring", "all_gather"] = "ring"  # how softmax attention gets the other cp ranks' K/V
     ep: int = 1
     sequence_parallel: bool = False
     zero: int = 1

@@ -214,8 +214,9 @@ def train_run(cache, log_dir, overrides):
 
 
 @pytest.mark.parametrize("world, overrides", [(2, ["parallel.cp=2"]), (4, ["parallel.cp=2", "parallel.tp=2"]),
-                                              (4, ["parallel.cp=2", "parallel.pp=2"])],
-                         ids=["cp2", "cp2xtp2", "cp2xpp2"])
+                                              (4, ["parallel.cp=2", "parallel.pp=2"]),
+                                              (4, ["parallel.cp=4", "parallel.cp_comm=all_gather"])],
+                         ids=["cp2", "cp2xtp2", "cp2xpp2", "cp4-all-gather"])
 def test_training_under_cp_equals_one_process(tmp_path, builtin_cache, world, overrides):
     reference = train_run(builtin_cache, tmp_path / "single", [])
     for steps in run_distributed(train_run, world, builtin_cache, tmp_path / "cp", overrides):

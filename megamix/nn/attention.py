@@ -37,7 +37,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence: Seque
     at earlier positions of its document, on this rank or (context parallelism) on the others."""
     if sequence.is_trivial:
         return causal_attention(q, k, v)
-    return context_attention(q, k, v, sequence)
+    return context_attention(q, k, v, sequence, gather_kv=sequence.attention_comm == "all_gather")
 
 
 class SplitRotaryFunction(torch.autograd.Function):

@@ -44,13 +44,15 @@ class SequenceLayout:
 
     group: the context-parallel group. documents: ``[batch, seq_len]`` document index of every position
     of the full samples (non-decreasing in each row, from :func:`document_index`), the same on every
-    rank; None when each sample is one document. Local tensors are ``[batch, local_seq, ...]`` with
+    rank; None when each sample is one document. attention_comm: how softmax attention reaches the other
+    ranks' keys and values, ``"ring"`` or ``"all_gather"`` (see :mod:`megamix.parallel.ring_attention`). Local tensors are ``[batch, local_seq, ...]`` with
     ``local_seq = seq_len / cp``: the chunks :attr:`chunks` one after the other.
     """
 
     seq_len: int
     group: Group = SINGLE
     documents: torch.Tensor | None = None
+    attention_comm: str = "ring"
 
     def __post_init__(self):
         check_sequence_split(self.seq_len, self.group.size)
@@ -70,8 +72,12 @@ class SequenceLayout:
     @property
     def chunks(self) -> tuple[int, ...]:
         """Global indices of the chunks this rank holds, in local order."""
-        cp, rank = self.group.size, self.group.rank
-        return (0,) if cp == 1 else (rank, 2 * cp - 1 - rank)  # inverse: owner()
+        return self.chunks_of(self.group.rank)
+
+    def chunks_of(self, rank: int) -> tuple[int, ...]:
+        """The chunks cp rank ``rank`` holds, in its local order (the inverse of :meth:`owner`)."""
+        cp = self.group.size
+        return (0,) if cp == 1 else (rank, 2 * cp - 1 - rank)
 
     def owner(self, chunk: int) -> tuple[int, int]:
         """(cp rank, local slot) of global chunk ``chunk``."""

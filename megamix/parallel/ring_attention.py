@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +70,8 @@ class BlockPlan:
 
     def __init__(self, layout: SequenceLayout, device: torch.device):
         self.layout = layout
-        # The chunks every cp rank holds, in its local order: layout.chunks as seen from that rank.
-        self.source_chunks = [replace(layout, group=replace(layout.group, rank=rank)).chunks
-                              for rank in range(layout.group.size)]
+        # The chunks every cp rank holds, in its local order.
+        self.source_chunks = [layout.chunks_of(rank) for rank in range(layout.group.size)]
         self.documents = None if layout.documents is None else layout.documents.to(device)
         if self.documents is not None:
             # First and last document of each chunk [chunk][batch], fetched once: deciding each pair

@@ -215,7 +215,8 @@ class Trainer:
         t = self.config.train
         batch = self.stream.next_batch(t.global_batch_size)
         mine = batch.narrow(0, self.parallel.dp.rank * self.rank_batch, self.rank_batch).to(self.device)
-        micros = [split_micro_batch(micro, self.parallel.cp, self.eos_id) for micro in mine.split(t.micro_batch_size)]
+        micros = [split_micro_batch(micro, self.parallel.cp, self.eos_id, self.config.parallel.cp_comm)
+                  for micro in mine.split(t.micro_batch_size)]
         if self.pipeline is not None:
             targets = torch.cat([torch.stack([m.targets.double(), m.weights.double()], dim=-1) for m in micros])
             with self._autocast():
