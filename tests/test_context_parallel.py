@@ -223,3 +223,24 @@ def test_training_under_cp_equals_one_process(tmp_path, builtin_cache, world, ov
         for (loss, norm), (expected_loss, expected_norm) in zip(steps, reference):
             assert loss == pytest.approx(expected_loss, rel=RTOL)
             assert norm == pytest.approx(expected_norm, rel=RTOL)
+
+
+def resumed_run(cache, log_dir, overrides):
+    config = load_config("configs/tiny-dense.yaml", [*TRAIN, "model.vocab_size=4096", f"data.cache_dir={cache}",
+                                                     f"log.dir={log_dir}", "train.steps=4", "checkpoint.interval=2",
+                                                     "checkpoint.keep=0", *overrides])
+    return Trainer(config).run()
+
+
+def test_cp_checkpoint_resumes_in_one_process(tmp_path, builtin_cache):
+    reference = resumed_run(builtin_cache, tmp_path / "single", [])
+    run_distributed(resumed_run, 2, builtin_cache, tmp_path / "cp2", ["parallel.cp=2"])
+    losses = resumed_run(builtin_cache, tmp_path / "from-cp2", [f"train.resume={tmp_path / 'cp2/checkpoints/step_2'}"])
+    assert losses == pytest.approx(reference[2:], rel=RTOL)
+
+
+def test_bad_context_parallel_configs_are_refused():
+    with pytest.raises(ConfigError, match=r"data.seq_len=100 must be a multiple of 2 × parallel.cp = 8"):
+        load_config(None, ["parallel.cp=4", "data.seq_len=100"])
+    with pytest.raises(ConfigError, match=r"parallel.cp_comm"):
+        load_config(None, ["parallel.cp_comm=a2a"])
