@@ -2,18 +2,26 @@
 
 import pytest
 import torch
+from megamix_kernels.linear_attention import linear_attention_full
 
 from megamix.config import load_config
 from megamix.errors import ConfigError
 from megamix.models import HybridModel
-from megamix.parallel import ParallelState, record_communication, vocab_parallel_cross_entropy
+from megamix.parallel import (
+    ParallelState,
+    record_communication,
+    vocab_parallel_cross_entropy,
+)
 from megamix.parallel.comm import all_reduce
-from megamix.parallel.context_parallel import SequenceLayout, check_sequence_split, document_index
+from megamix.parallel.context_parallel import (
+    SequenceLayout,
+    check_sequence_split,
+    document_index,
+)
 from megamix.parallel.lasp import context_linear_attention
 from megamix.testing import full_gradients, run_distributed
 from megamix.train import Trainer
 from megamix.train.batches import split_micro_batch
-from megamix_kernels.linear_attention import linear_attention_full
 
 BATCH, HEADS, KEY_HEADS, KEY_DIM, VALUE_DIM = 2, 4, 2, 8, 8
 EOS = 3
@@ -147,7 +155,7 @@ def model_loss(cp: int, tp: int, pattern: str, packed: bool, seq: int = 64):
 
 
 def assert_model_parity(results, reference):
-    positions, per_token, loss, grads = reference
+    _, per_token, loss, grads = reference
     torch.testing.assert_close(assemble([(p, t) for p, t, _, _ in results], per_token), per_token,
                                rtol=RTOL, atol=1e-6)
     for _, _, parallel_loss, parallel_grads in results:

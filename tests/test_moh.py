@@ -15,7 +15,13 @@ from test_parallel import full_gradients
 from megamix.errors import ConfigError
 from megamix.nn import Attention, ForwardContext, init_parameters, moh, rotary_tables
 from megamix.nn.moh import MoHAttention
-from megamix.parallel import NO_TENSOR_PARALLEL, Group, ParallelState, TensorParallel, record_communication
+from megamix.parallel import (
+    NO_TENSOR_PARALLEL,
+    Group,
+    ParallelState,
+    TensorParallel,
+    record_communication,
+)
 from megamix.parallel.context_parallel import SequenceLayout
 from megamix.testing import run_distributed
 

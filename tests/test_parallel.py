@@ -17,12 +17,17 @@ from megamix import checkpoint
 from megamix.config import load_config
 from megamix.errors import ConfigError
 from megamix.models import HybridModel
-from megamix.parallel import ParallelState, check_layout, record_communication, sharding_of
-from megamix.parallel import vocab_parallel_cross_entropy
+from megamix.parallel import (
+    ParallelState,
+    check_layout,
+    record_communication,
+    sharding_of,
+    vocab_parallel_cross_entropy,
+)
+from megamix.parallel.context_parallel import SequenceLayout
 from megamix.parallel.sharding import full_tensor
 from megamix.testing import full_gradients, run_distributed
 from megamix.train import Trainer
-from megamix.parallel.context_parallel import SequenceLayout
 
 MODEL = ["model.pattern=*-*-", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2",
          "model.ffn_hidden_size=96", "model.vocab_size=4096"]

@@ -26,8 +26,8 @@ from megamix.nn.moh import MoHAttention
 from megamix.parallel import (
     NO_TENSOR_PARALLEL,
     SINGLE,
-    Group,
     ColumnParallelLinear,
+    Group,
     TensorParallel,
     VocabParallelEmbedding,
     column_parallel_linear,

@@ -6,7 +6,12 @@ from torch import nn
 
 from megamix.nn.context import ForwardContext
 from megamix.nn.rotary import apply_rotary
-from megamix.parallel import NO_TENSOR_PARALLEL, ColumnParallelLinear, RowParallelLinear, TensorParallel
+from megamix.parallel import (
+    NO_TENSOR_PARALLEL,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+)
 from megamix.parallel.context_parallel import SequenceLayout
 from megamix.parallel.ring_attention import context_attention
 from megamix.parallel.tensor_parallel import tp_input

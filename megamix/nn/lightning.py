@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megamix_kernels.linear_attention import step
 from torch import nn
 
 from megamix.nn.context import ForwardContext
 from megamix.nn.norms import SRMSNorm
-from megamix.parallel import NO_TENSOR_PARALLEL, ColumnParallelLinear, RowParallelLinear, TensorParallel
+from megamix.parallel import (
+    NO_TENSOR_PARALLEL,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+)
 from megamix.parallel.lasp import context_linear_attention
-from megamix_kernels.linear_attention import step
 
 # The kernels' default chunk, for the FLOP count only.
 CHUNK_SIZE = 64

@@ -10,15 +10,20 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megamix_kernels.linear_attention import step
 from torch import nn
 
 from megamix.nn.context import ForwardContext
 from megamix.nn.norms import GatedRMSNorm
-from megamix.parallel import NO_TENSOR_PARALLEL, ColumnParallelLinear, RowParallelLinear, TensorParallel
+from megamix.parallel import (
+    NO_TENSOR_PARALLEL,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+)
 from megamix.parallel.context_parallel import SequenceLayout, preceding_tokens
 from megamix.parallel.lasp import context_linear_attention
 from megamix.parallel.sharding import set_sharding, split_parts
-from megamix_kernels.linear_attention import step
 
 # The kernels' default chunk, for the FLOP count only.
 CHUNK_SIZE = 64

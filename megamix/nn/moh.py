@@ -17,7 +17,13 @@ from torch import nn
 from megamix.errors import ConfigError
 from megamix.nn.attention import Attention, attention, causal_attention
 from megamix.nn.context import ForwardContext
-from megamix.parallel import NO_TENSOR_PARALLEL, SINGLE, Group, TensorParallel, set_sharding
+from megamix.parallel import (
+    NO_TENSOR_PARALLEL,
+    SINGLE,
+    Group,
+    TensorParallel,
+    set_sharding,
+)
 from megamix.parallel.comm import all_reduce, total_of_shares
 from megamix.parallel.sharding import whole
 from megamix.parallel.tensor_parallel import tp_input

@@ -17,10 +17,10 @@ through autograd: the gradients of the gathered states are reduce-scattered back
 from __future__ import annotations
 
 import torch
+from megamix_kernels.linear_attention import linear_attention
 
 from megamix.parallel.comm import gather_parts
 from megamix.parallel.context_parallel import SequenceLayout
-from megamix_kernels.linear_attention import linear_attention
 
 
 def _piece_bounds(starts: torch.Tensor, chunk_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +46,7 @@ def context_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     earlier chunks, as in the module docstring.
     """
     batch, local_seq, heads, value_dim = v.shape
-    key_heads, key_dim = q.shape[2:]
+    key_dim = q.shape[3]
     chunks, chunk_len = len(layout.chunks), layout.chunk_len
     parallel = layout.group.size > 1
     if layout.is_trivial:

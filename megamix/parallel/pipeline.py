@@ -121,7 +121,11 @@ class PipelineSchedule:
 
     def __init__(self, modules: list[nn.Module], specs: list[StageSpec], parallel: ParallelState,
                  device: torch.device, micro_batches: int, loss_fn: Callable):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleInterleaved1F1B,
+        )
 
         pp = parallel.pp.size
         if len(specs) > 1 and micro_batches % pp:

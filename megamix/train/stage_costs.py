@@ -19,8 +19,8 @@ from megamix.config import ModelConfig
 from megamix.models import HybridModel
 from megamix.parallel import Group, vocab_parallel_cross_entropy
 from megamix.parallel.comm import all_reduce
-from megamix.parallel.pipeline import STAGE_MARK
 from megamix.parallel.context_parallel import SequenceLayout
+from megamix.parallel.pipeline import STAGE_MARK
 
 
 def _seconds(run: Callable[[], torch.Tensor], repeats: int = 2) -> float:

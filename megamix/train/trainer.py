@@ -22,20 +22,34 @@ import torch
 
 from megamix import __version__, checkpoint
 from megamix.config import Config, config_from_dict
-from megamix.data import BlendedSamples, IndexedDataset, SampleStream, Tokenizer, default_cache_dir, ensure_builtin
+from megamix.data import (
+    BlendedSamples,
+    IndexedDataset,
+    SampleStream,
+    Tokenizer,
+    default_cache_dir,
+    ensure_builtin,
+)
 from megamix.errors import CheckpointError, ConfigError, TrainingError
 from megamix.models import HybridModel
 from megamix.nn.moe import MoE
-from megamix.parallel import DistributedOptimizer, Group, ParallelState, check_layout, init_distributed, sharding_of
-from megamix.parallel import vocab_parallel_cross_entropy
+from megamix.parallel import (
+    DistributedOptimizer,
+    Group,
+    ParallelState,
+    check_layout,
+    init_distributed,
+    sharding_of,
+    vocab_parallel_cross_entropy,
+)
 from megamix.parallel.checkpointing import GlobalPieces
-from megamix.parallel.pipeline import PipelineSchedule, split_layers, stage_specs
 from megamix.parallel.comm import all_reduce
+from megamix.parallel.pipeline import PipelineSchedule, split_layers, stage_specs
 from megamix.train.batches import split_micro_batch
 from megamix.train.device import peak_flops, peak_memory_mb, pick_device
 from megamix.train.metrics import MetricsLogger
-from megamix.train.stage_costs import measured_layer_costs
 from megamix.train.schedule import learning_rate, set_learning_rate
+from megamix.train.stage_costs import measured_layer_costs
 
 
 def build_parallel_state(config: Config) -> ParallelState:
