@@ -122,7 +122,10 @@ class ParallelConfig:
     cp_comm: Literal["ring", "all_gather"] = "ring"  # how softmax attention gets the other cp ranks' K/V
     ep: int = 1
     sequence_parallel: bool = False
-    zero: int = 1
+    zero: int = 1  # 0 (builtin only): replicated optimizer state; 1: sharded over dp (ZeRO-1); 2, 3: DeepSpeed
+    zero_engine: Literal["builtin", "deepspeed"] = "builtin"
+    offload: Literal["none", "optimizer", "params"] = "none"  # DeepSpeed CPU offload
+    deepspeed_config: str | None = None  # a DeepSpeed JSON file overriding the generated config
 
 
 @dataclass
@@ -394,6 +397,23 @@ def _validate_moh(m: ModelConfig, tp: int) -> None:
     _require(moh.aux_loss_coeff >= 0, f"model.moh.aux_loss_coeff: must be >= 0, got {moh.aux_loss_coeff}")
 
 
+def _validate_deepspeed(m: ModelConfig, p: ParallelConfig) -> None:
+    """What DeepSpeed's ZeRO cannot combine with (it owns gradient reduction over data parallel)."""
+    works = "DeepSpeed runs with parallel.tp, parallel.cp and data parallel; use parallel.zero_engine=builtin for"
+    _require(p.zero in (1, 2, 3), f"parallel.zero: DeepSpeed has ZeRO 1, 2 or 3, got {p.zero}")
+    _require(p.pp == 1, f"parallel.pp={p.pp} with parallel.zero_engine=deepspeed: our pipeline schedule runs the "
+                        f"backward itself, where DeepSpeed must; {works} pipeline parallel (ZeRO-1)")
+    _require(p.ep == 1, f"parallel.ep={p.ep} with parallel.zero_engine=deepspeed: expert weights are reduced over "
+                        f"other ranks than the rest; {works} expert parallel")
+    _require(not p.sequence_parallel, f"parallel.sequence_parallel with parallel.zero_engine=deepspeed: norm "
+                                      f"gradients must be summed over TP before DeepSpeed reduces them; {works} SP")
+    _require(p.tp == 1 or (m.num_kv_heads % p.tp == 0 and "H" not in m.pattern),
+             f"parallel.tp={p.tp} with parallel.zero_engine=deepspeed needs every parameter either split over TP or "
+             f"with the same gradient on every TP rank: model.num_kv_heads must be divisible by parallel.tp and no "
+             f"'H' (MoH) layers; {works} them")
+    _require(p.offload != "params" or p.zero == 3, "parallel.offload=params needs parallel.zero=3")
+
+
 def validate(c: Config) -> None:
     from megamix.models.hybrid import LAYER_KINDS, describe_layer_kinds
 
@@ -420,7 +440,13 @@ def validate(c: Config) -> None:
     for key in ("tp", "pp", "vpp", "cp", "ep"):
         _require(getattr(p, key) >= 1, f"parallel.{key}: must be >= 1, got {getattr(p, key)}")
     _require(p.vpp == 1 or p.pp > 1, f"parallel.vpp={p.vpp} interleaves pipeline stages: it needs parallel.pp > 1")
-    _require(p.zero in (0, 1), f"parallel.zero: allowed 0 (replicated optimizer) or 1 (sharded), got {p.zero}")
+    if p.zero_engine == "builtin":
+        _require(p.zero in (0, 1), f"parallel.zero: the builtin engine has 0 (replicated optimizer) or 1 (sharded, "
+                                   f"ZeRO-1), got {p.zero}; ZeRO-2/3 need parallel.zero_engine=deepspeed")
+        _require(p.offload == "none" and p.deepspeed_config is None,
+                 "parallel.offload and parallel.deepspeed_config need parallel.zero_engine=deepspeed")
+    else:
+        _validate_deepspeed(m, p)
     _require(m.num_heads % p.tp == 0, f"model.num_heads ({m.num_heads}) must be divisible by parallel.tp ({p.tp})")
     _require(m.num_kv_heads % p.tp == 0 or p.tp % m.num_kv_heads == 0,
              f"model.num_kv_heads ({m.num_kv_heads}) and parallel.tp ({p.tp}) must divide one another "

@@ -61,7 +61,7 @@ def test_override_values_are_typed_by_the_schema():
     (["data.datasets=[{weight: 1}]"], "data.datasets[0]:"),
     (["data.datasets=[{path: a, wieght: 1}]"], "data.datasets[0].wieght: unknown key (did you mean data.datasets[0].weight?)"),
     (["parallel.tp=0"], "parallel.tp: must be >= 1"),
-    (["parallel.zero=3"], "parallel.zero: allowed 0"),
+    (["parallel.zero=3"], "parallel.zero: the builtin engine has 0 (replicated optimizer) or 1"),
     (["train.decay_fraction=0"], "train.decay_fraction: must be in (0, 1]"),
     (["log.interval=0"], "log.interval: must be positive"),
     (["train"], "override 'train': expected section.key=value"),

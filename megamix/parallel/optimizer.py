@@ -83,6 +83,10 @@ class DistributedOptimizer:
 
     # -- gradients ---------------------------------------------------------------
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's share of the step's loss; gradients accumulate until the step."""
+        loss.backward()
+
     def reduce_gradients(self) -> None:
         """Steps 1–2: after backward, leave each slot's averaged gradient rows in ``slot.shard.grad``."""
         for slot in self.slots:
@@ -167,6 +171,10 @@ class DistributedOptimizer:
             slot.shard.grad = None
 
     # -- checkpoint ------------------------------------------------------------------
+
+    def parameter_tensors(self) -> list[tuple[str, Sharding, torch.Tensor]]:
+        """(name, sharding, value) of each parameter, to save or load into: the parameters themselves."""
+        return [(slot.name, slot.sharding, slot.param.data) for slot in self.slots]
 
     def checkpoint_state(self) -> dict:
         """Flat DCP entries: each parameter's Adam moments as pieces of the global tensor, and the step count."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import threading
@@ -39,11 +40,15 @@ from megamix.parallel import (
     ParallelState,
     check_layout,
     init_distributed,
-    sharding_of,
     vocab_parallel_cross_entropy,
 )
 from megamix.parallel.checkpointing import GlobalPieces
 from megamix.parallel.comm import all_reduce
+from megamix.parallel.deepspeed_zero import (
+    DeepSpeedZero,
+    deepspeed_config,
+    merge_user_config,
+)
 from megamix.parallel.pipeline import PipelineSchedule, split_layers, stage_specs
 from megamix.train.batches import split_micro_batch
 from megamix.train.device import peak_flops, peak_memory_mb, pick_device
@@ -110,9 +115,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.stream, self.eos_id = open_training_data(config)
         self.stages, self.pipeline = self._build_model()
-        self.optimizer = DistributedOptimizer(self.named_parameters(), self.parallel, lr=t.lr,
-                                              betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
-                                              shard=config.parallel.zero == 1)
+        self.optimizer = self._build_optimizer()
+        self.forward_model = getattr(self.optimizer, "engine", self.stages[0])
         self.step = 0
         self.aux_metrics: dict[str, float] = {}
         self._aux_names: list[str] | None = None
@@ -141,6 +145,24 @@ class Trainer:
             stage.aux.grad_scale = self.parallel.cp.size * (1.0 if pipeline is not None else 1.0 / self.micro_batches)
         return stages, pipeline
 
+    def _build_optimizer(self) -> DistributedOptimizer | DeepSpeedZero:
+        """The builtin data-parallel AdamW (ZeRO-0/1), or DeepSpeed's ZeRO-1/2/3 (``parallel.zero_engine``)."""
+        c, t, p = self.config, self.config.train, self.config.parallel
+        adamw = {"lr": t.lr, "betas": (t.beta1, t.beta2), "eps": t.eps, "weight_decay": t.weight_decay}
+        if p.zero_engine == "builtin":
+            return DistributedOptimizer(self.named_parameters(), self.parallel, shard=p.zero == 1, **adamw)
+        ds_config = deepspeed_config(p.zero, p.offload, t.micro_batch_size, self.micro_batches,
+                                     self.parallel.grad.size, t.grad_clip)
+        if p.deepspeed_config is not None:
+            ds_config, changed = merge_user_config(ds_config, p.deepspeed_config)
+            if self.is_logging_rank and changed:
+                print("deepspeed config overrides:\n  " + "\n  ".join(changed))
+        if self.is_logging_rank:
+            run_dir = Path(c.log.dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+        return DeepSpeedZero(self.stages[0], self.named_parameters(), self.parallel, self.device, ds_config, **adamw)
+
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """This rank's parameters by their global names (the same under every layout)."""
         return [item for stage in self.stages for item in stage.named_parameters()]
@@ -158,8 +180,8 @@ class Trainer:
 
     def _checkpoint_entries(self) -> dict:
         """Flat DCP entries: parameters and Adam moments as pieces of global tensors, plus run state."""
-        entries = {f"model.{name}": GlobalPieces(sharding_of(p, self.tp.size), p.data)
-                   for name, p in self.named_parameters()}
+        entries = {f"model.{name}": GlobalPieces(sharding, value)
+                   for name, sharding, value in self.optimizer.parameter_tensors()}
         entries |= {f"model.{name}": buffer for name, buffer in self.saved_buffers()}
         entries |= self.optimizer.checkpoint_state()
         entries["rng.cpu"] = torch.get_rng_state()
@@ -241,9 +263,9 @@ class Trainer:
             total_loss = torch.zeros((), device=self.device)
             for micro in micros:
                 with self._autocast():
-                    logits = self.stages[0](micro.inputs, micro.sequence)
+                    logits = self.forward_model(micro.inputs, micro.sequence)
                 loss = self._loss(logits, micro.targets, micro.weights)
-                (loss / self.micro_batches).backward()
+                self.optimizer.backward(loss / self.micro_batches)
                 total_loss += loss.detach()
             total_loss /= self.micro_batches
         # each rank holds cp × its share: the sum over dp × cp ranks / (dp · cp) is the mean over dp
