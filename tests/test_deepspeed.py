@@ -19,6 +19,9 @@ TRAIN = ["model.pattern=*-*-", "model.hidden_size=64", "model.num_heads=4", "mod
          "train.global_batch_size=8", "train.warmup_steps=2", "train.lr=3e-3", "train.steps=4",
          "checkpoint.interval=2", "checkpoint.keep=0", "log.tensorboard=false"]
 DEEPSPEED = ["parallel.zero_engine=deepspeed"]
+# Mamba-2, Lightning, attention and MoE layers with a tied embedding: ZeRO-3 gathers what each layer reads
+HYBRID = ["model.pattern=M-L*E", "model.tie_embeddings=true", "model.mamba.head_dim=16", "model.mamba.state_size=16",
+          "model.mamba.num_groups=2", "model.moe.num_experts=4", "model.moe.ffn_hidden_size=64"]
 RTOL = 1e-5
 
 
@@ -40,15 +43,16 @@ def assert_same_run(steps, reference):
     assert [norm for _, norm in steps] == pytest.approx([norm for _, norm in reference], rel=RTOL)
 
 
-@pytest.mark.parametrize("world, overrides", [
-    (2, ["parallel.zero=1"]),
-    (2, ["parallel.zero=2", "parallel.offload=optimizer"]),
-    (4, ["parallel.zero=3", "parallel.tp=2"]),
-], ids=["zero1-dp2", "zero2-dp2-offload", "zero3-tp2xdp2"])
-def test_deepspeed_trains_like_the_builtin_engine(tmp_path, builtin_cache, world, overrides):
-    reference = train_run(builtin_cache, tmp_path / "builtin", [])
+@pytest.mark.parametrize("world, overrides, model", [
+    (2, ["parallel.zero=1"], []),
+    (2, ["parallel.zero=2", "parallel.offload=optimizer"], []),
+    (4, ["parallel.zero=3", "parallel.tp=2"], HYBRID),
+], ids=["zero1-dp2", "zero2-dp2-offload", "zero3-tp2xdp2-hybrid"])
+def test_deepspeed_trains_like_the_builtin_engine(tmp_path, builtin_cache, world, overrides, model):
+    reference = train_run(builtin_cache, tmp_path / "builtin", model)
     run_dir = tmp_path / "deepspeed"
-    for steps in run_distributed(train_run, world, builtin_cache, run_dir, [*DEEPSPEED, *overrides], timeout=600):
+    for steps in run_distributed(train_run, world, builtin_cache, run_dir, [*DEEPSPEED, *overrides, *model],
+                                 timeout=600):
         assert_same_run(steps, reference)
     saved = json.loads((run_dir / "deepspeed_config.json").read_text())
     assert saved["zero_optimization"]["stage"] == int(overrides[0][-1])
