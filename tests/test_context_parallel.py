@@ -221,12 +221,18 @@ def train_run(cache, log_dir, overrides):
     return [trainer.train_step() for _ in range(config.train.steps)]
 
 
+# MoE layers with auxiliary losses and the loss-free balancing bias, experts split over the 2 cp ranks
+MOE = ["model.pattern=*E-E", "model.moe.num_experts=4", "model.moe.ffn_hidden_size=64",
+       "model.moe.bias_update_rate=0.01", "parallel.ep=2"]
+
+
 @pytest.mark.parametrize("world, overrides", [(2, ["parallel.cp=2"]), (4, ["parallel.cp=2", "parallel.tp=2"]),
                                               (4, ["parallel.cp=2", "parallel.pp=2"]),
-                                              (4, ["parallel.cp=4", "parallel.cp_comm=all_gather"])],
-                         ids=["cp2", "cp2xtp2", "cp2xpp2", "cp4-all-gather"])
+                                              (4, ["parallel.cp=4", "parallel.cp_comm=all_gather"]),
+                                              (2, ["parallel.cp=2", *MOE])],
+                         ids=["cp2", "cp2xtp2", "cp2xpp2", "cp4-all-gather", "cp2-moe-ep2"])
 def test_training_under_cp_equals_one_process(tmp_path, builtin_cache, world, overrides):
-    reference = train_run(builtin_cache, tmp_path / "single", [])
+    reference = train_run(builtin_cache, tmp_path / "single", [o for o in overrides if o.startswith("model.")])
     for steps in run_distributed(train_run, world, builtin_cache, tmp_path / "cp", overrides):
         for (loss, norm), (expected_loss, expected_norm) in zip(steps, reference):
             assert loss == pytest.approx(expected_loss, rel=RTOL)
