@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from megamix import convert
 
-    conversion = commands.add_parser("convert", help="convert Hugging Face Llama checkpoints to megamix and back")
+    conversion = commands.add_parser("convert", help="convert Hugging Face checkpoints (Llama, Mixtral, Mamba-2, "
+                                                     "Nemotron-H) to megamix and back; reshard megamix checkpoints")
     convert.add_arguments(conversion)
     conversion.set_defaults(handler=_convert)
 
@@ -135,9 +136,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megamix {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+def _eval(args: argparse.Namespace) -> int:
+    from megamix.eval import cli
+
+    return cli.run(args)
+
+
         print(f"megamix {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
 if __name__ == "__main__":
     sys.exit(main())
+    from megamix.eval import cli as eval_cli
+
+    evaluation = commands.add_parser("eval", help="long-context evaluation: retrieval suite, perplexity by length")
+    eval_cli.add_arguments(evaluation)
+    evaluation.set_defaults(handler=_eval)
+

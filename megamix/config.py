@@ -7,6 +7,7 @@ key and what is allowed, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -88,7 +89,8 @@ class ModelConfig:
     rotary: bool = True  # false: attention without position embeddings (the Mamba-2-Hybrid models)
     tie_embeddings: bool = False
     init_std: float = 0.02
-    mlp: Literal["swiglu", "sglu"] = "swiglu"  # `-` layers: SiLU-gated (Llama) or ungated SGLU (TransNormerLLM)
+    # `-` layers: SiLU-gated (Llama), SGLU without activation (TransNormerLLM), or ungated squared ReLU (Nemotron-H)
+    mlp: Literal["swiglu", "sglu", "relu2"] = "swiglu"
     lightning: LightningConfig = field(default_factory=LightningConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -346,8 +348,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config
 
 
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint)."""
+def config_from_dict(tree: dict[str, Any], overrides: list[str] = ()) -> Config:
+    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint), with dotted
+    ``key=value`` overrides applied (``megamix convert``: the target layout)."""
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
     config = _build(Config, tree, "")
     validate(config)
     return config

@@ -1,4 +1,4 @@
-"""Dense gated MLP mixer (pattern ``-``)."""
+"""Dense MLP mixer (pattern ``-``): gated (SwiGLU, SGLU) or squared-ReLU."""
 
 import torch
 import torch.nn.functional as F
@@ -33,35 +33,44 @@ class SiluGateFunction(torch.autograd.Function):
 
 
 class GatedMLP(nn.Module):
-    """y = W_down (act(W_gate x) ⊙ W_up x), ``x [batch, seq, hidden] → [batch, seq, hidden]``.
+    """The dense MLP of ``-`` layers, ``x [batch, seq, hidden] → [batch, seq, hidden]``, by ``kind``:
 
-    act = SiLU (``"swiglu"``, Llama) or the identity (``"sglu"``, the simple GLU channel
-    mixer of TransNormerLLM).
+    - ``"swiglu"`` (Llama): y = W_down (silu(W_gate x) ⊙ W_up x);
+    - ``"sglu"`` (the simple GLU channel mixer of TransNormerLLM): y = W_down (W_gate x ⊙ W_up x);
+    - ``"relu2"`` (Nemotron-H, Primer's squared ReLU), not gated: y = W_down relu(W_up x)².
 
-    ``gate_up_proj`` holds W_gate and W_up stacked as ``[gate | up]`` along its
-    output dim: one matmul instead of two. Under tensor parallelism each rank holds
-    ``ffn_hidden_size / tp`` of both (a column-parallel linear with two parts) and
-    the matching columns of ``down_proj`` (row-parallel).
+    The gated kinds hold W_gate and W_up stacked as ``[gate | up]`` along the output dim
+    of ``gate_up_proj``: one matmul instead of two. ``relu2`` holds ``up_proj`` alone.
+    Under tensor parallelism each rank holds ``ffn_hidden_size / tp`` of every part (a
+    column-parallel linear) and the matching columns of ``down_proj`` (row-parallel).
     """
+
+    KINDS = ("swiglu", "sglu", "relu2")
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, tp: TensorParallel = NO_TENSOR_PARALLEL,
                  kind: str = "swiglu"):
         super().__init__()
-        if kind not in ("swiglu", "sglu"):
-            raise ValueError(f"unknown gated MLP {kind!r}; known: swiglu, sglu")
-        self.silu_gate = kind == "swiglu"
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown MLP kind {kind!r}; known: {', '.join(self.KINDS)}")
+        self.kind = kind
         self.hidden_size = hidden_size
         self.ffn_hidden_size = ffn_hidden_size
-        self.gate_up_proj = ColumnParallelLinear(hidden_size, [ffn_hidden_size, ffn_hidden_size], tp)
+        if kind == "relu2":
+            self.up_proj = ColumnParallelLinear(hidden_size, [ffn_hidden_size], tp)
+        else:
+            self.gate_up_proj = ColumnParallelLinear(hidden_size, [ffn_hidden_size, ffn_hidden_size], tp)
         self.down_proj = RowParallelLinear(ffn_hidden_size, hidden_size, tp)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.kind == "relu2":
+            return self.down_proj(F.relu(self.up_proj(x)).square())
         gate_up = self.gate_up_proj(x)
-        if self.silu_gate:
+        if self.kind == "swiglu":
             return self.down_proj(SiluGateFunction.apply(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(gate * up)
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Forward FLOPs of one token: 2 per multiply-add of the three weight matrices."""
-        return 2 * 3 * self.hidden_size * self.ffn_hidden_size
+        """Forward FLOPs of one token: 2 per multiply-add of the weight matrices (three gated, two relu2)."""
+        matrices = 2 if self.kind == "relu2" else 3
+        return 2 * matrices * self.hidden_size * self.ffn_hidden_size
