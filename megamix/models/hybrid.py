@@ -3,6 +3,7 @@
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,6 +104,19 @@ class ResidualLayer(nn.Module):
         return self.mixer.flops_per_token(seq_len)
 
 
+@dataclass
+class DecodeState:
+    """What generation carries from one :meth:`HybridModel.extend` call to the next.
+
+    layers: the state of each token-mixing layer by name — a :class:`~megamix.nn.attention.KVCache` for
+    ``*``/``H``, the fixed-size recurrent state for ``L``/``M`` (the per-token ``-``/``E`` layers keep none).
+    valid: ``[batch, seen]`` bool, False where a row was left-padded.
+    """
+
+    layers: dict[str, Any]
+    valid: torch.Tensor
+
+
 class HybridModel(nn.Module):
     """tokens ``[batch, seq]`` → embed → one residual layer per pattern character → norm → LM head.
 
@@ -175,17 +189,57 @@ class HybridModel(nn.Module):
                 x = checkpoint(layer, x, ctx, use_reentrant=False)
             else:
                 x = layer(x, ctx)
-        if not self.returns_logits:
-            return x
+        return self.logits(x) if self.returns_logits else x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output ``[batch, seq, hidden]`` → final norm → LM head ``[batch, seq, vocab / tp]``."""
         x = self.norm(x)
         if self.lm_head is not None:
             return self.lm_head(x)
         return column_parallel_linear(x, self.embed.weight, self.tp)
 
+    def initial_state(self, batch: int, device: torch.device | str) -> DecodeState:
+        """The empty generation state of ``batch`` rows (see :meth:`extend`)."""
+        if not (self.takes_tokens and self.returns_logits):
+            raise ValueError("generation runs the whole model in one process: build it without a pipeline stage")
+        layers = {name: layer.mixer.initial_state(batch, device) for name, layer in self.layers.items()
+                  if hasattr(layer.mixer, "extend")}
+        return DecodeState(layers, torch.zeros(batch, 0, dtype=torch.bool, device=device))
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, state: DecodeState, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Generation: feed ``new`` tokens ``[batch, new]`` after those already in ``state`` → logits ``[batch,
+        new, vocab / tp]``, updating ``state`` in place. ``valid [batch, new]`` (default all True) marks left
+        padding as False: padding takes no position and no token attends to it or carries it in a state.
+
+        Prefill in chunks of any size and decode one token at a time both call this; the logits equal those
+        of :meth:`forward` over the whole sequence. Softmax attention costs ``new × seen`` per call, the
+        linear-time mixers a state of fixed size.
+        """
+        if valid is None:
+            valid = torch.ones_like(tokens, dtype=torch.bool)
+        seen = state.valid.sum(dim=1, keepdim=True)
+        positions = (seen + valid.cumsum(dim=1) - 1).clamp(min=0)  # [batch, new]: position within each row
+        state.valid = torch.cat([state.valid, valid], dim=1)
+        x = self.embed(tokens)
+        ctx = self.context_at(positions, SequenceLayout(tokens.shape[1]))
+        for name, layer in self.layers.items():
+            h = layer.norm(x)
+            if name in state.layers:
+                out, state.layers[name] = layer.mixer.extend(h, ctx, state.layers[name], state.valid)
+            else:
+                out = layer.mixer(h, ctx)
+            x = x + out
+        self.aux.pop()  # routing statistics are for training metrics; drop them so generation does not pile them up
+        return self.logits(x)
+
     def forward_context(self, sequence: SequenceLayout, device: torch.device) -> ForwardContext:
         """What every mixer of this forward shares: the layout and the rotary tables of each token's position
         in its document (without rotary embeddings, every angle is 0: the rotation is the identity)."""
-        positions = sequence.document_positions.to(device)
+        return self.context_at(sequence.document_positions.to(device), sequence)
+
+    def context_at(self, positions: torch.Tensor, sequence: SequenceLayout) -> ForwardContext:
+        """The :class:`ForwardContext` of tokens at ``positions`` (``[seq]`` or ``[batch, seq]``) in ``sequence``."""
         if not self.rope_theta:
             positions = torch.zeros_like(positions)
         cos, sin = rotary_tables(positions, self.head_dim, self.rope_theta or 1.0)

@@ -1,5 +1,7 @@
 """Softmax attention mixer (pattern ``*``): causal, grouped-query, rotary."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +45,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence: Seque
     if sequence.is_trivial:
         return causal_attention(q, k, v)
     return context_attention(q, k, v, sequence, gather_kv=sequence.attention_comm == "all_gather")
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Attention of the ``new`` last tokens over every token seen so far (generation with a KV cache).
+
+    q ``[batch, new, heads, head_dim]``, k and v ``[batch, seen, kv_heads, head_dim]`` (the new tokens last),
+    valid ``[batch, seen]`` (False: left padding) → ``[batch, new, heads, head_dim]``. Query i, at cache
+    position p = seen − new + i, reads the valid keys at positions ≤ p, and always itself, so a padding
+    query reads only itself and stays finite.
+    """
+    new, seen = q.shape[1], k.shape[1]
+    keys = torch.arange(seen, device=q.device)
+    queries = torch.arange(seen - new, seen, device=q.device)[:, None]
+    allowed = (keys <= queries) & (valid[:, None, :] | (keys == queries))  # [batch, new, seen]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=allowed[:, None], enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+@dataclass
+class KVCache:
+    """Generation state of a softmax-attention layer: rope(k) and v of every token seen so far,
+    each ``[batch, seen, local kv heads, head_dim]``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
 
 
 class SplitRotaryFunction(torch.autograd.Function):
@@ -102,6 +130,26 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.project_out(attention(*self.project_in(tp_input(x, self.tp), ctx), ctx.sequence))
+
+    def initial_state(self, batch: int, device: torch.device | str) -> KVCache:
+        """The empty KV cache of generation (fp32; it takes the dtype of the first keys appended)."""
+        empty = torch.zeros(batch, 0, self.local_heads[1], self.head_dim, device=device)
+        return KVCache(empty, empty)
+
+    def extend(self, x: torch.Tensor, ctx: ForwardContext, state: KVCache,
+               valid: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """Generation: ``new`` tokens ``x [batch, new, hidden]`` after those in ``state`` → ``[batch, new, hidden]``
+        and the cache with them appended. ``ctx`` holds the rotary tables of their positions, ``valid
+        [batch, seen]`` marks the real tokens of the cache and the new ones (False: left padding)."""
+        heads, state = self.attend_cached(tp_input(x, self.tp), ctx, state, valid)
+        return self.project_out(heads), state
+
+    def attend_cached(self, x: torch.Tensor, ctx: ForwardContext, state: KVCache,
+                      valid: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """The head outputs ``[batch, new, local heads, head_dim]`` of :meth:`extend`, and the grown cache."""
+        q, k, v = self.project_in(x, ctx)
+        state = KVCache(torch.cat([state.k.to(k.dtype), k], dim=1), torch.cat([state.v.to(v.dtype), v], dim=1))
+        return cached_attention(q, state.k, state.v, valid), state
 
     def project_in(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The full-sequence input ``x [batch, seq, hidden]`` (:func:`tp_input`: gathered under SP, so

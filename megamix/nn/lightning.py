@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megamix_kernels.linear_attention import step
+from megamix_kernels.linear_attention import linear_attention, step
 from torch import nn
 
 from megamix.nn.context import ForwardContext
@@ -40,6 +40,20 @@ def lightning_log_decay(schedule: str, num_heads: int, layer: int, num_layers: i
     if schedule == "alibi":
         return [-(2 ** (-8 * h / num_heads)) for h in heads]
     raise ValueError(f"unknown Lightning decay schedule {schedule!r}; known: tnl, alibi")
+
+
+def continue_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                              state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear attention over ``new`` tokens started from ``state``, returning the final state (generation).
+
+    Shapes of :mod:`megamix_kernels.linear_attention` with per-token ``log_decay [batch, new, heads]`` and
+    ``state [batch, heads, key_dim, value_dim]`` (fp32). A prompt chunk runs the chunked kernel; one
+    decoded token runs the recurrence ``step``, which skips the kernel's chunk bookkeeping.
+    """
+    if q.shape[1] == 1:
+        o, state = step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], state)
+        return o[:, None], state
+    return linear_attention(q, k, v, log_decay, initial_state=state, output_final_state=True)
 
 
 class LightningAttention(nn.Module):
@@ -86,9 +100,22 @@ class LightningAttention(nn.Module):
         return torch.zeros(batch, self.local_heads, self.head_dim, self.head_dim, device=device)
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token ``x [batch, hidden]`` → ``[batch, hidden]`` and the next state: constant memory per token."""
+        """One token ``x [batch, hidden]`` → ``[batch, hidden]`` and the next state, in constant memory:
+        :meth:`extend` with one token."""
+        y, state = self.extend(x[:, None], None, state, torch.ones(x.shape[0], 1, dtype=torch.bool,
+                                                                          device=x.device))
+        return y[:, 0], state
+
+    def extend(self, x: torch.Tensor, ctx: ForwardContext | None, state: torch.Tensor,
+               valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generation: ``new`` tokens ``x [batch, new, hidden]`` → ``[batch, new, hidden]`` and the state after
+        them (see :meth:`initial_state`), by the chunked kernel started from ``state``: a long prompt costs
+        memory linear in its length. ``valid [batch, seen]`` ends with the new tokens' flags; a padding token
+        (False) leaves the state as it is (k = 0, decay 1)."""
         q, k, v, u = self._project(x)
-        o, state = step(q, k, v, torch.tensor(self.log_decay, device=x.device), state)
+        real = valid[:, -x.shape[1]:, None].to(k.dtype)  # [batch, new, 1]
+        log_decay = torch.tensor(self.log_decay, device=x.device) * real  # per token [batch, new, heads]
+        o, state = continue_linear_attention(q, k * real[..., None], v, log_decay, state)
         return self._output(o, u), state
 
     def flops_per_token(self, seq_len: int) -> int:

@@ -10,10 +10,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megamix_kernels.linear_attention import step
 from torch import nn
 
 from megamix.nn.context import ForwardContext
+from megamix.nn.lightning import continue_linear_attention
 from megamix.nn.norms import GatedRMSNorm
 from megamix.parallel import (
     NO_TENSOR_PARALLEL,
@@ -69,11 +69,12 @@ class CausalConv1d(nn.Module):
             y = torch.addcmul(y, earlier, weight[:, width - shift])
         return y.view(batch, -1, channels)
 
-    def step(self, x: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token ``x [batch, channels]`` with the previous ``kernel − 1`` inputs ``window
-        [batch, channels, kernel − 1]`` → the output ``[batch, channels]`` and the next window."""
-        full = torch.cat([window, x.unsqueeze(-1)], dim=-1)
-        return torch.einsum("bck,ck->bc", full, self.weight.squeeze(1)) + self.bias, full[..., 1:]
+    def extend(self, x: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``new`` tokens ``x [batch, new, channels]`` after the previous ``kernel − 1`` inputs ``window
+        [batch, channels, kernel − 1]`` → the outputs ``[batch, new, channels]`` and the next window."""
+        full = torch.cat([window.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [batch, channels, kernel − 1 + new]
+        y = F.conv1d(full, self.weight.to(x.dtype), self.bias.to(x.dtype), groups=full.shape[1])
+        return y.transpose(1, 2), full[..., full.shape[-1] - (self.kernel - 1):]
 
     def initial_value(self, name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         bound = 1 / math.sqrt(self.kernel)
@@ -134,9 +135,13 @@ class Mamba2Mixer(nn.Module):
         y = y + x * self.D[:, None].to(x.dtype)
         return self.out_proj(self.norm(y.flatten(-2), z))
 
+    def _project_in(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``hidden [..., hidden]`` → z ``[..., d_inner]``, the conv input [x | B | C] and the raw Δ ``[..., heads]``."""
+        return self.in_proj(hidden).split([self.local_parts[0], sum(self.local_parts[1:4]), self.local_parts[4]],
+                                          dim=-1)
+
     def forward(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        z, xbc, dt = self.in_proj(hidden).split([self.local_parts[0], sum(self.local_parts[1:4]),
-                                                 self.local_parts[4]], dim=-1)
+        z, xbc, dt = self._project_in(hidden)
         x, b, c, dt, log_decay = self._ssm_inputs(F.silu(self.conv1d(xbc, ctx.sequence)), dt)
         y = context_linear_attention(c, b, x * dt.unsqueeze(-1).to(x.dtype), log_decay, ctx.sequence)
         return self._output(y, x, z)
@@ -149,13 +154,26 @@ class Mamba2Mixer(nn.Module):
                 torch.zeros(batch, self.local_heads, self.state_size, self.head_dim, device=device))
 
     def step(self, hidden: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        """One token ``hidden [batch, hidden]`` → ``[batch, hidden]`` and the next state: constant memory."""
+        """One token ``hidden [batch, hidden]`` → ``[batch, hidden]`` and the next state, in constant memory:
+        :meth:`extend` with one token."""
+        y, state = self.extend(hidden[:, None], None, state, torch.ones(hidden.shape[0], 1, dtype=torch.bool,
+                                                                          device=hidden.device))
+        return y[:, 0], state
+
+    def extend(self, hidden: torch.Tensor, ctx: ForwardContext | None, state: tuple[torch.Tensor, torch.Tensor],
+               valid: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Generation: ``new`` tokens ``hidden [batch, new, hidden]`` → ``[batch, new, hidden]`` and the state
+        after them (see :meth:`initial_state`): the convolution continues from the window, SSD runs the
+        chunked kernel from the SSM state, so a long prompt costs memory linear in its length. ``valid
+        [batch, seen]`` ends with the new tokens' flags; a padding token (False) enters the convolution as
+        zeros (as before a sequence start) and leaves the SSM state as it is (Δ·x = 0, decay 1)."""
         window, ssm_state = state
-        z, xbc, dt = self.in_proj(hidden).split([self.local_parts[0], sum(self.local_parts[1:4]),
-                                                 self.local_parts[4]], dim=-1)
-        xbc, window = self.conv1d.step(xbc, window.to(xbc.dtype))
+        real = valid[:, -hidden.shape[1]:, None]  # [batch, new, 1]
+        z, xbc, dt = self._project_in(hidden)
+        xbc, window = self.conv1d.extend(xbc * real.to(xbc.dtype), window)
         x, b, c, dt, log_decay = self._ssm_inputs(F.silu(xbc), dt)
-        y, ssm_state = step(c, b, x * dt.unsqueeze(-1).to(x.dtype), log_decay, ssm_state)
+        dt, log_decay = dt * real.to(dt.dtype), log_decay * real
+        y, ssm_state = continue_linear_attention(c, b, x * dt.unsqueeze(-1).to(x.dtype), log_decay, ssm_state)
         return self._output(y, x, z), (window, ssm_state)
 
     def initial_value(self, name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor | None:

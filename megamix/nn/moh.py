@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamix.errors import ConfigError
-from megamix.nn.attention import Attention, attention, causal_attention
+from megamix.nn.attention import Attention, KVCache, attention, causal_attention
 from megamix.nn.context import ForwardContext
 from megamix.parallel import (
     NO_TENSOR_PARALLEL,
@@ -118,6 +118,14 @@ class MoHAttention(Attention):
         # gates first: the product then takes their token-major layout, which flattens without a copy
         y = self.project_out(gates[..., None].to(heads.dtype) * heads)
         return ctx.aux.attach(y, "moh_aux_loss", balance_loss, self.aux_loss_coeff / self.tp.size)
+
+    def extend(self, x: torch.Tensor, ctx: ForwardContext, state: KVCache,
+               valid: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """Generation (see :meth:`Attention.extend`): every head attends over the cache, then the gates mix them."""
+        x = tp_input(x, self.tp)
+        gates, _ = self.route(x)
+        heads, state = self.attend_cached(x, ctx, state, valid)
+        return self.project_out(gates[..., None].to(heads.dtype) * heads), state
 
     def route(self, x: torch.Tensor, cp: Group = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [batch, seq, hidden]`` → this rank's gates g ``[batch, seq, local heads]`` (fp32, in head
