@@ -40,6 +40,7 @@ class MambaConfig:
     conv_kernel: int = 4
     dt_min: float = 0.001
     dt_max: float = 0.1
+    dt_floor: float = 0.0  # Δ = max(softplus(·), dt_floor): Nemotron-H's time_step_min, Mamba-2's time_step_limit[0]
 
     @property
     def d_inner(self) -> int:
@@ -377,6 +378,7 @@ def _validate_mamba(mb: MambaConfig, tp: int) -> None:
              f"model.mamba.num_groups ({mb.num_groups}) must be divisible by parallel.tp ({tp}): each tensor-parallel "
              f"rank holds whole groups of heads with their B and C (Megatron-Core's rule)")
     _require(0 < mb.dt_min <= mb.dt_max, f"model.mamba: need 0 < dt_min <= dt_max, got {mb.dt_min}, {mb.dt_max}")
+    _require(mb.dt_floor >= 0, f"model.mamba.dt_floor: must be >= 0, got {mb.dt_floor}")
 
 
 def _validate_moe(moe: MoEConfig, p: ParallelConfig) -> None:

@@ -29,6 +29,7 @@ transformers = pytest.importorskip("transformers")
 
 ATTENTION = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
 MAMBA = {"n_groups": 2, "conv_kernel": 4}
+DT_FLOOR = 0.05  # a step floor that the random dt_bias below crosses, so the clamp matters
 CONFIGS = {  # tiny random models, built offline from their configs
     "llama": lambda: transformers.LlamaConfig(
         vocab_size=BUILTIN_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, **ATTENTION,
@@ -41,11 +42,11 @@ CONFIGS = {  # tiny random models, built offline from their configs
         num_local_experts=4, num_experts_per_tok=2, initializer_range=0.2),
     "mamba2": lambda: transformers.Mamba2Config(
         vocab_size=BUILTIN_VOCAB, hidden_size=64, num_heads=8, head_dim=16, state_size=16, num_hidden_layers=2,
-        expand=2, **MAMBA, initializer_range=0.2, tie_word_embeddings=True),
+        expand=2, **MAMBA, initializer_range=0.2, tie_word_embeddings=True, time_step_limit=(DT_FLOOR, float("inf"))),
     "nemotron_h": lambda: transformers.NemotronHConfig(
         vocab_size=BUILTIN_VOCAB, hidden_size=64, hybrid_override_pattern="M*-M-", **ATTENTION,
         intermediate_size=96, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, **MAMBA,
-        initializer_range=0.2),
+        initializer_range=0.2, time_step_min=DT_FLOOR),
 }
 CLASSES = {"llama": "LlamaForCausalLM", "llama-tied": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
            "mamba2": "Mamba2ForCausalLM", "nemotron_h": "NemotronHForCausalLM"}
@@ -54,13 +55,15 @@ PATTERNS = {"llama": "*-*-", "llama-tied": "*-*-", "mixtral": "*E*E", "mamba2": 
 
 def save_tiny(kind, directory):
     """A random tiny HF model of ``kind`` saved to ``directory``; norms and the Mamba-2 per-head parameters are
-    randomised too, so a misplaced one shows. Δ = softplus(dt + dt_bias) stays far above Nemotron-H's floor
-    (time_step_min), which megamix does not apply (docs/convert.md)."""
+    randomised too, so a misplaced one shows. dt_bias ∈ [−6, 1.5] puts Δ = softplus(dt + dt_bias) on both
+    sides of the step floor (DT_FLOOR), which both models must apply alike."""
     torch.manual_seed(0)
     model = getattr(transformers, CLASSES[kind])(CONFIGS[kind]())
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or name.endswith((".D", ".dt_bias")):
+            if name.endswith(".dt_bias"):
+                param.uniform_(-6.0, 1.5)
+            elif "norm" in name or name.endswith(".D"):
                 param.uniform_(0.5, 1.5)
             elif name.endswith(".A_log"):
                 param.uniform_(0.0, 1.5)

@@ -195,8 +195,9 @@ _MAMBA2_DEFAULTS = {"hidden_act": "silu", "use_bias": False, "use_conv_bias": Tr
                     "initializer_range": 0.1}
 
 
-def _mamba(hf: dict[str, Any], defaults: dict[str, Any], heads: str, head_dim: str, state: str) -> MambaConfig:
-    return MambaConfig(state_size=hf[state], head_dim=hf[head_dim], num_heads=hf[heads],
+def _mamba(hf: dict[str, Any], defaults: dict[str, Any], heads: str, head_dim: str, state: str,
+           dt_floor: float = 0.0) -> MambaConfig:
+    return MambaConfig(state_size=hf[state], head_dim=hf[head_dim], num_heads=hf[heads], dt_floor=dt_floor,
                        expand=_get(hf, "expand", defaults["expand"]), num_groups=_get(hf, "n_groups", defaults["n_groups"]),
                        conv_kernel=_get(hf, "conv_kernel", defaults["conv_kernel"]),
                        dt_min=_get(hf, "time_step_min", defaults["time_step_min"]),
@@ -206,10 +207,10 @@ def _mamba(hf: dict[str, Any], defaults: dict[str, Any], heads: str, head_dim: s
 def _mamba2_config(hf: dict[str, Any], source: str) -> ModelConfig:
     _expect(hf, source, {"hidden_act": "silu", "use_bias": False, "use_conv_bias": True}, _MAMBA2_DEFAULTS)
     limit = [_float(v) for v in hf.get("time_step_limit", (0.0, math.inf))]
-    if limit != [0.0, math.inf]:
-        raise ConfigError(f"{source}: time_step_limit={limit} is not supported; megamix does not clamp Δ "
-                          f"(needs [0.0, inf])")
-    mamba = _mamba(hf, _MAMBA2_DEFAULTS, "num_heads", "head_dim", "state_size")
+    if limit[1] != math.inf:
+        raise ConfigError(f"{source}: time_step_limit={limit} is not supported; megamix clamps Δ from below only "
+                          f"(model.mamba.dt_floor; needs [floor, inf])")
+    mamba = _mamba(hf, _MAMBA2_DEFAULTS, "num_heads", "head_dim", "state_size", dt_floor=limit[0])
     if mamba.d_inner != mamba.expand * hf["hidden_size"]:
         raise ConfigError(f"{source}: num_heads × head_dim = {mamba.d_inner} must equal expand × hidden_size = "
                           f"{mamba.expand * hf['hidden_size']} (as transformers requires)")
@@ -231,7 +232,7 @@ def _mamba2_hf_config(m: ModelConfig) -> dict[str, Any]:
     mb = m.mamba
     return {"model_type": "mamba2", "num_hidden_layers": m.num_layers, "num_heads": mb.num_heads,
             "head_dim": mb.head_dim, "state_size": mb.state_size, "expand": mb.d_inner // m.hidden_size,
-            "hidden_act": "silu", **_mamba_fields(m)}
+            "hidden_act": "silu", "time_step_limit": [mb.dt_floor, math.inf], **_mamba_fields(m)}
 
 
 def _mamba2_unfit(m: ModelConfig) -> str | None:
@@ -293,7 +294,9 @@ def _nemotron_h_config(hf: dict[str, Any], source: str) -> ModelConfig:
     if "-" in pattern:
         wanted["mlp_hidden_act"] = "relu2"
     _expect(hf, source, wanted, _NEMOTRON_H_DEFAULTS)
-    mamba = _mamba(hf, _NEMOTRON_H_DEFAULTS, "mamba_num_heads", "mamba_head_dim", "ssm_state_size")
+    # transformers' Nemotron-H clamps Δ at time_step_min
+    mamba = _mamba(hf, _NEMOTRON_H_DEFAULTS, "mamba_num_heads", "mamba_head_dim", "ssm_state_size",
+                   dt_floor=_get(hf, "time_step_min", _NEMOTRON_H_DEFAULTS["time_step_min"]))
     # without attention layers the attention fields only need to pass validation (as for Mamba-2)
     heads = (_heads(hf, default_head_dim=128) if "*" in pattern else
              {"num_heads": mamba.num_heads, "head_dim": mamba.head_dim})
@@ -325,6 +328,9 @@ def _nemotron_h_unfit(m: ModelConfig) -> str | None:
         return f"Nemotron-H MLPs are squared-ReLU (needs model.mlp=relu2, not {m.mlp})"
     if m.tie_embeddings:
         return "transformers' NemotronHForCausalLM does not tie lm_head to the embeddings (model.tie_embeddings)"
+    if "M" in pattern and m.mamba.dt_floor != m.mamba.dt_min:
+        return (f"Nemotron-H clamps the Mamba step at time_step_min = model.mamba.dt_min ({m.mamba.dt_min}); "
+                f"needs model.mamba.dt_floor equal to it, not {m.mamba.dt_floor}")
     return None
 
 

@@ -57,7 +57,7 @@ def _lightning(c: ModelConfig, tp: TensorParallel, index: int, ep: Group) -> Lig
 def _mamba(c: ModelConfig, tp: TensorParallel, index: int, ep: Group) -> Mamba2Mixer:
     m = c.mamba
     return Mamba2Mixer(c.hidden_size, m.num_heads, m.head_dim, m.state_size, m.num_groups, m.conv_kernel,
-                       (m.dt_min, m.dt_max), c.norm_eps, tp)
+                       (m.dt_min, m.dt_max), c.norm_eps, tp, dt_floor=m.dt_floor)
 
 
 def _moe(c: ModelConfig, tp: TensorParallel, index: int, ep: Group) -> MoE:

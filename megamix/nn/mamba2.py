@@ -98,13 +98,14 @@ class Mamba2Mixer(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, state_size: int, num_groups: int,
                  conv_kernel: int, dt_range: tuple[float, float], eps: float,
-                 tp: TensorParallel = NO_TENSOR_PARALLEL):
+                 tp: TensorParallel = NO_TENSOR_PARALLEL, dt_floor: float = 0.0):
         super().__init__()
         if num_heads % num_groups or num_groups % tp.size:
             raise ValueError(f"Mamba-2 needs heads ({num_heads}) divisible by groups ({num_groups}) "
                              f"and groups divisible by tensor-parallel ranks ({tp.size})")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.state_size, self.num_groups, self.dt_range = state_size, num_groups, dt_range
+        self.dt_floor = dt_floor
         d_inner = num_heads * head_dim
         conv_parts = [d_inner, num_groups * state_size, num_groups * state_size]
         self.in_proj = ColumnParallelLinear(hidden_size, [d_inner, *conv_parts, num_heads], tp)
@@ -127,6 +128,8 @@ class Mamba2Mixer(nn.Module):
         x ``[..., heads, P]``, B and C ``[..., groups, N]``, Δ ``[..., heads]`` and log-decay Δ·A."""
         x, b, c = xbc.split(self.local_parts[1:4], dim=-1)
         dt = F.softplus(dt + self.dt_bias)
+        if self.dt_floor > 0:  # as Nemotron-H: the step never goes below the floor
+            dt = dt.clamp(min=self.dt_floor)
         x = x.unflatten(-1, (self.local_heads, self.head_dim))
         b, c = (t.unflatten(-1, (self.local_groups, self.state_size)) for t in (b, c))
         return x, b, c, dt, dt * -torch.exp(self.A_log.float())
