@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 
 _EXAMPLES = """examples:
   megamix launch configs/tiny-dense.yaml --procs-per-node 2            # embedded local Ray
@@ -36,6 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on Ctrl-C/SIGTERM, how long ranks get to finish the step (and save) (default 60)")
 
 
+def warn_if_out_of_memory(config, options, address: str | None) -> None:
+    """Print the planner's warning (docs/estimate.md) when a rank would run out of device memory. The
+    device is this driver's GPU; a driver without one checks only an embedded local Ray on this CPU."""
+    from megamix.estimate import Cluster, get_device, local_device, memory_warning
+
+    device = local_device()
+    if device is None or (device == "cpu" and (address or config.train.device == "cuda")):
+        return  # the ranks' devices are not known here
+    warning = memory_warning(config, Cluster(options.nodes, options.procs_per_node), get_device(device))
+    if warning:
+        print(f"megamix launch: warning: {warning}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``megamix launch``; prints a one-line summary."""
     from megamix.config import load_config
@@ -48,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
                             args.resource_timeout, args.stop_timeout)
     options.check(config)
     address = args.address or os.environ.get("RAY_ADDRESS")  # `ray job submit` sets RAY_ADDRESS
+    warn_if_out_of_memory(config, options, address)
     if args.nodes > 1 and not address:
         raise ConfigError(f"--nodes {args.nodes}: an embedded local Ray has one node; pass --address of a cluster")
     temp_dir = connect(address, options.world_size)

@@ -17,6 +17,15 @@ _TRAIN_EXAMPLES = """examples:
 Overrides are dotted section.key=value pairs; values are read as YAML. With
 train.resume=auto (the default) a run continues from <checkpoint.dir>/latest."""
 
+_ESTIMATE_EXAMPLES = """examples:
+  megamix estimate configs/mamba2-hybrid-8b.yaml --gpu h100 --nodes 8 --procs-per-node 8
+  megamix estimate configs/llama-1b.yaml parallel.tp=2 train.recompute=true --gpu a100 --procs-per-node 8
+  megamix estimate configs/mixtral-8x7b.yaml --gpu h200 --nodes 4 --procs-per-node 8 --search
+
+Prints parameters, FLOPs per token per layer kind, memory per rank (weights, gradients, optimizer
+state, activations, peak), step time, tokens/s and MFU; --search ranks every valid layout that fits
+by estimated throughput. The model and its validation: docs/estimate.md."""
+
 _INSPECT_EXAMPLES = """examples:
   megamix inspect runs/tiny-dense/checkpoints            # the latest checkpoint
   megamix inspect runs/tiny-dense/checkpoints/step_200 --tensors"""
@@ -43,6 +52,7 @@ def _train(args: argparse.Namespace) -> int:
               f"{config.model.num_layers} layers '{config.model.pattern}'; "
               f"{model.num_parameters():,} parameters ({model.num_parameters(exclude_embeddings=True):,} "
               f"without embeddings); {model.flops_per_token(config.data.seq_len):.3e} training FLOPs/token")
+        _print_run_estimate(config, world)
         return 0
     from megamix.train import train
 
@@ -56,6 +66,63 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_run_estimate(config, world: int) -> None:
+    """The planner's estimate for this run on this machine's device, as YAML comments."""
+    from megamix.estimate import (
+        Cluster,
+        estimate,
+        format_estimate,
+        get_device,
+        local_device,
+    )
+
+    device = local_device()
+    if device is None:
+        print("# estimate: unknown GPU; see megamix estimate CONFIG --gpu h100|h200|a100")
+        return
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    try:
+        text = format_estimate(estimate(config, Cluster(world // per_node, per_node), get_device(device)))
+    except MegamixError as e:  # e.g. DeepSpeed's ZeRO-2/3, which the planner does not model
+        text = f"estimate: not available: {e}"
+    print("\n".join("# " + line for line in text.splitlines()))
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from megamix.config import load_config
+    from megamix.estimate import (
+        Cluster,
+        estimate,
+        format_estimate,
+        format_search,
+        get_device,
+        search,
+    )
+
+    config = load_config(args.config, args.overrides)
+    device = get_device(args.gpu)
+    p = config.parallel
+    if args.procs_per_node is not None:
+        cluster = Cluster(1 if args.nodes is None else args.nodes, args.procs_per_node)
+    else:  # the fewest ranks the layout needs, in nodes of (up to) 8 GPUs; all on this machine for the CPU
+        world = p.tp * p.pp * p.cp * math.lcm(p.cp, p.ep) // p.cp
+        per_node = world if device.shared_memory else math.gcd(world, device.per_node)
+        cluster = Cluster(world // per_node if args.nodes is None else args.nodes, per_node)
+    if not args.search:
+        print(format_estimate(estimate(config, cluster, device)))
+        return 0
+    fitting, too_big = search(config, cluster, device)
+    print(f"# {len(fitting) + too_big} valid layouts of '{config.model.pattern}' on {cluster.nodes} node(s) × "
+          f"{cluster.procs_per_node} {device.name}; {too_big} do not fit in memory; best {min(args.top, len(fitting))} "
+          f"by estimated tokens/s (mb: micro-batch size, rc: recompute)")
+    if not fitting:
+        print("no layout fits: use more devices, a shorter data.seq_len or a smaller model")
+        return 1
+    print(format_search(fitting, args.top))
+    print(f"\nbest layout:\n{format_estimate(fitting[0])}")
+    return 0
+
+
 def _prepare_data(args: argparse.Namespace) -> int:
     from megamix.data import prepare
 
@@ -66,6 +133,12 @@ def _convert(args: argparse.Namespace) -> int:
     from megamix import convert
 
     return convert.run(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from megamix.eval import cli
+
+    return cli.run(args)
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -106,12 +179,31 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_arguments(conversion)
     conversion.set_defaults(handler=_convert)
 
+    from megamix.eval import cli as eval_cli
+
+    evaluation = commands.add_parser("eval", help="long-context evaluation: retrieval suite, perplexity by length")
+    eval_cli.add_arguments(evaluation)
+    evaluation.set_defaults(handler=_eval)
+
     from megamix_launch import cli as launch_cli
 
     launch = commands.add_parser("launch", help="train on a Ray cluster or an embedded local Ray; restarts on failure",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     launch_cli.add_arguments(launch)
     launch.set_defaults(handler=_launch)
+
+    plan = commands.add_parser("estimate", help="plan memory, FLOPs and step time of a config on a cluster",
+                               epilog=_ESTIMATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("config", help="YAML config, e.g. configs/mamba2-hybrid-8b.yaml")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. parallel.tp=8")
+    plan.add_argument("--gpu", default="h100", help="device: h100 (default), h200, a100 or cpu (this dev VM)")
+    plan.add_argument("--nodes", type=int, help="nodes (default: as many as the layout needs)")
+    plan.add_argument("--procs-per-node", type=int,
+                      help="ranks per node, one device each (default: the fewest ranks the config's layout needs, "
+                           "in nodes of 8 GPUs)")
+    plan.add_argument("--search", action="store_true", help="rank every valid layout that fits by tokens/s")
+    plan.add_argument("--top", type=int, default=15, help="rows of the --search table (default 15)")
+    plan.set_defaults(handler=_estimate)
 
     inspect = commands.add_parser("inspect", help="summarize a checkpoint", epilog=_INSPECT_EXAMPLES,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,21 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megamix {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-def _eval(args: argparse.Namespace) -> int:
-    from megamix.eval import cli
-
-    return cli.run(args)
-
-
         print(f"megamix {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
 if __name__ == "__main__":
     sys.exit(main())
-    from megamix.eval import cli as eval_cli
-
-    evaluation = commands.add_parser("eval", help="long-context evaluation: retrieval suite, perplexity by length")
-    eval_cli.add_arguments(evaluation)
-    evaluation.set_defaults(handler=_eval)
-
