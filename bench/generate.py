@@ -16,7 +16,7 @@ then ``--decode`` tokens are decoded one at a time (greedy). Reports prefill tok
 Printed JSON, with ``flatness`` = value at the longest T ÷ value at the shortest, per model, for decode time
 per token and state size. Target (issue 10): the ``linear`` model's ratios ≤ 1.1.
 
-    python bench/generate.py [--lengths 1024,4096,16384] [--decode 32] [--threads N]
+    python bench/generate.py [--lengths 1024,4096,16384] [--decode 32] [--threads 1]
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="1024,4096,16384")
     parser.add_argument("--decode", type=int, default=32, help="tokens decoded per case (after 2 warm-up tokens)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: decoding a tiny model is latency-bound, and more threads "
+                             "mostly add synchronisation noise)")
     args = parser.parse_args()
     lengths = [int(t) for t in args.lengths.split(",")]
     results: dict[str, dict[str, dict]] = {}
