@@ -7,6 +7,8 @@ from megamix.config import load_config
 from megamix.errors import ConfigError
 from megamix.eval.generate import generate
 from megamix.models import HybridModel
+from megamix.parallel import ParallelState
+from megamix.testing import run_distributed
 
 MODEL = ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=96",
          "model.vocab_size=256", "model.mamba.head_dim=16", "model.mamba.state_size=16", "model.mamba.num_groups=2",
@@ -87,3 +89,18 @@ def test_bad_generation_requests_are_refused():
         generate(model, [[1, 2]], 0)
     with pytest.raises(ConfigError, match="decode"):
         generate(model, [[1, 2]], 3, stop=["x"])
+
+
+def generate_under_tp(tp: int, temperature: float):
+    parallel = ParallelState.create(tp=tp)
+    cfg = load_config(None, [*MODEL, f"model.pattern={ALL_KINDS}"]).model
+    model = HybridModel(cfg, seed=3, tp=parallel.tensor_parallel).eval()
+    return [out.tokens for out in generate(model, prompts([23, 9, 17]), 10, temperature=temperature, seed=5,
+                                           prefill_chunk=8)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_generation_under_tensor_parallelism_equals_one_process(temperature):
+    expected = generate_under_tp(1, temperature)
+    for tokens in run_distributed(generate_under_tp, 2, 2, temperature):
+        assert tokens == expected

@@ -10,6 +10,7 @@ import torch
 
 from megamix.errors import ConfigError
 from megamix.models import HybridModel
+from megamix.parallel.comm import all_gather
 
 # Prompt tokens per prefill call: softmax attention then holds a [chunk, seen] score matrix per head,
 # the linear mixers a chunk of activations, instead of a whole prompt's.
@@ -60,7 +61,8 @@ def generate(model: HybridModel, prompts: Sequence[Sequence[int]], max_new_token
     The prompts run as one batch, left-padded to the longest; the prefill feeds ``prefill_chunk`` tokens per
     call. A row stops at ``eos_id`` or once its decoded text contains a string of ``stop`` (needs ``decode``);
     the batch stops when every row has. Sampling draws from a generator seeded with ``seed``.
-    The model must hold the full vocabulary (tensor-parallel logits are a shard).
+    Under tensor parallelism every rank of the model's group calls this with the same prompts: the vocabulary
+    shards of the logits are gathered, so every rank picks (or samples, with the same seed) the same token.
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -70,8 +72,13 @@ def generate(model: HybridModel, prompts: Sequence[Sequence[int]], max_new_token
     tokens, valid = _left_padded(prompts, device)
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     state = model.initial_state(len(prompts), device)
+
+    def extend(new: torch.Tensor, new_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[batch, new, vocab]`` of the next tokens (all of the vocabulary, on every TP rank)."""
+        return all_gather(model.extend(new, state, new_valid), model.tp.group, dim=-1)
+
     for start in range(0, tokens.shape[1], prefill_chunk):
-        logits = model.extend(tokens[:, start:start + prefill_chunk], state, valid[:, start:start + prefill_chunk])
+        logits = extend(tokens[:, start:start + prefill_chunk], valid[:, start:start + prefill_chunk])
     results = [Generation([]) for _ in prompts]
     running = list(range(len(prompts)))
     for step in range(max_new_tokens):
@@ -87,7 +94,7 @@ def generate(model: HybridModel, prompts: Sequence[Sequence[int]], max_new_token
         running = [row for row in running if results[row].stopped is None]
         if not running or step == max_new_tokens - 1:
             break
-        logits = model.extend(torch.tensor(chosen, device=device)[:, None], state)
+        logits = extend(torch.tensor(chosen, device=device)[:, None])
     if decode is not None:
         for result in results:
             result.text = decode(result.tokens)

@@ -79,9 +79,9 @@ def run_suite(em: EvalModel, tasks: list[str], lengths: list[int], out_dir: str 
     for length in lengths:
         em.check_length(length)
     generation = [t for t in tasks if t != PERPLEXITY]
-    if generation and parallel.world_size > 1:
-        raise ConfigError(f"generation tasks ({', '.join(generation)}) run in one process; distributed (tp, cp) "
-                          f"evaluation covers the perplexity task")
+    if generation and parallel.world_size > parallel.tp.size:
+        raise ConfigError(f"generation tasks ({', '.join(generation)}) run under tensor parallelism (--tp) only; "
+                          f"context-parallel (--cp) evaluation covers the perplexity task")
     if PERPLEXITY in tasks and settings.tokens is None:
         raise ConfigError("the perplexity task needs a held-out token file: --tokens PREFIX (or a text file)")
     for task in generation:  # a length too short for a task fails now, not after hours of other cells
