@@ -44,62 +44,28 @@ def import_deepspeed(device: torch.device):
     return deepspeed
 
 
+# DeepSpeed's mpu accessor stems (get_<stem>_group / _rank / _world_size) → our groups
+MPU_GROUPS = {"data_parallel": "grad", "model_parallel": "model", "tensor_model_parallel": "tp",
+              "pipeline_model_parallel": "pp"}
+
+
 class ModelParallelUnit:
     """DeepSpeed's ``mpu`` interface over a :class:`ParallelState`: data parallel = the dp × cp gradient
-    group, model parallel = tp × pp. DeepSpeed needs a process group even where ours has one rank, so
-    single-rank groups are made for those (collectively, in the same order on every rank)."""
+    group, model parallel = tp × pp (:data:`MPU_GROUPS`). DeepSpeed needs a process group even where ours has
+    one rank, so single-rank groups are made for those (collectively, in the same order on every rank)."""
 
     def __init__(self, parallel: ParallelState):
-        self.world = parallel.world_size
-        own = None
-        if self.world > 1 and 1 in (parallel.grad.size, parallel.model.size, parallel.tp.size, parallel.pp.size):
-            for rank in range(self.world):
+        groups: dict[str, Group] = {stem: getattr(parallel, ours) for stem, ours in MPU_GROUPS.items()}
+        alone = dist.group.WORLD
+        if parallel.world_size > 1 and any(group.size == 1 for group in groups.values()):
+            for rank in range(parallel.world_size):
                 group = dist.new_group([rank])
-                own = group if rank == parallel.rank else own
-        self.groups = {name: group.group if group.size > 1 else (own if self.world > 1 else dist.group.WORLD)
-                       for name, group in (("data", parallel.grad), ("model", parallel.model),
-                                           ("tensor", parallel.tp), ("pipeline", parallel.pp))}
-        self.parallel = parallel
-
-    def _group(self, name: str) -> Group:
-        return {"data": self.parallel.grad, "model": self.parallel.model, "tensor": self.parallel.tp,
-                "pipeline": self.parallel.pp}[name]
-
-    def get_data_parallel_group(self):
-        return self.groups["data"]
-
-    def get_data_parallel_rank(self) -> int:
-        return self._group("data").rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self._group("data").size
-
-    def get_model_parallel_group(self):
-        return self.groups["model"]
-
-    def get_model_parallel_rank(self) -> int:
-        return self._group("model").rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self._group("model").size
-
-    def get_tensor_model_parallel_group(self):
-        return self.groups["tensor"]
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self._group("tensor").rank
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self._group("tensor").size
-
-    def get_pipeline_model_parallel_group(self):
-        return self.groups["pipeline"]
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self._group("pipeline").rank
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self._group("pipeline").size
+                alone = group if rank == parallel.rank else alone
+        for stem, group in groups.items():
+            torch_group = group.group if group.size > 1 else alone
+            setattr(self, f"get_{stem}_group", lambda g=torch_group: g)
+            setattr(self, f"get_{stem}_rank", lambda r=group.rank: r)
+            setattr(self, f"get_{stem}_world_size", lambda n=group.size: n)
 
 
 def deepspeed_config(zero: int, offload: str, micro_batch_size: int, micro_batches: int, data_parallel: int,
