@@ -49,20 +49,29 @@ class MambaConfig:
 
 @dataclass
 class MoEConfig:
-    """``E`` layers (mixture-of-experts MLP); each expert is a SwiGLU of ``ffn_hidden_size``."""
+    """``E`` layers (mixture-of-experts MLP); each expert is an MLP of ``model.mlp``'s kind and ``ffn_hidden_size``."""
 
     num_experts: int = 8
     top_k: int = 2
     ffn_hidden_size: int | None = None  # None: model.ffn_hidden_size
     score: Literal["softmax", "sigmoid"] = "softmax"
     normalize_top_k: bool = True  # renormalise the chosen experts' scores to sum to 1
+    routed_scaling_factor: float = 1.0  # multiplies the chosen experts' combine weights
+    num_groups: int = 1  # > 1: group-limited routing (DeepSeek-V3) over this many groups of consecutive experts
+    top_k_groups: int = 1  # the groups a token may pick its experts from
     aux_loss_coeff: float = 0.01  # Switch load-balancing loss
     aux_loss_type: Literal["batch", "sequence"] = "batch"  # balance over the micro-batch or per sequence
     z_loss_coeff: float = 0.001  # router z-loss
     bias_update_rate: float = 0.0  # > 0: auxiliary-loss-free balancing by a per-expert selection bias
     shared_experts: int = 0  # experts every token uses
+    shared_ffn_hidden_size: int | None = None  # their total width; None: shared_experts × ffn_hidden_size
     capacity_factor: float | None = None  # None: dropless
     drop_policy: Literal["probability", "position"] = "probability"
+
+    @property
+    def shared_width(self) -> int:
+        """The shared experts' total ffn width (0 without shared experts)."""
+        return (self.shared_ffn_hidden_size or self.shared_experts * self.ffn_hidden_size) if self.shared_experts else 0
 
 
 @dataclass
@@ -389,6 +398,18 @@ def _validate_moe(moe: MoEConfig, p: ParallelConfig) -> None:
     _require(moe.ffn_hidden_size > 0 and moe.ffn_hidden_size % p.tp == 0,
              f"model.moe.ffn_hidden_size ({moe.ffn_hidden_size}) must be positive and divisible by parallel.tp ({p.tp})")
     _require(moe.shared_experts >= 0, f"model.moe.shared_experts: must be >= 0, got {moe.shared_experts}")
+    shared = moe.shared_ffn_hidden_size
+    _require(shared is None or (moe.shared_experts > 0 and shared > 0 and shared % p.tp == 0),
+             f"model.moe.shared_ffn_hidden_size ({shared}) needs model.moe.shared_experts >= 1 and must be positive "
+             f"and divisible by parallel.tp ({p.tp})")
+    per_group = moe.num_experts // moe.num_groups if moe.num_groups > 0 else 0
+    _require(moe.num_groups > 0 and moe.num_experts % moe.num_groups == 0,
+             f"model.moe.num_groups ({moe.num_groups}) must be positive and divide num_experts ({moe.num_experts})")
+    _require(0 < moe.top_k_groups <= moe.num_groups and moe.top_k <= moe.top_k_groups * per_group,
+             f"model.moe.top_k_groups ({moe.top_k_groups}) must be in [1, num_groups={moe.num_groups}] and its "
+             f"groups must hold top_k ({moe.top_k}) experts ({per_group} per group)")
+    _require(moe.routed_scaling_factor > 0,
+             f"model.moe.routed_scaling_factor: must be > 0, got {moe.routed_scaling_factor}")
     _require(moe.capacity_factor is None or moe.capacity_factor > 0,
              f"model.moe.capacity_factor: must be > 0 or null (dropless), got {moe.capacity_factor}")
     for key in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):

@@ -47,16 +47,26 @@ CONFIGS = {  # tiny random models, built offline from their configs
         vocab_size=BUILTIN_VOCAB, hidden_size=64, hybrid_override_pattern="M*-M-", **ATTENTION,
         intermediate_size=96, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, **MAMBA,
         initializer_range=0.2, time_step_min=DT_FLOOR),
+    # Nemotron-H with MoE layers: 8 sigmoid-routed squared-ReLU experts in 4 groups (top-2 of the best 2 groups),
+    # scaled combine weights and a shared expert of another width
+    "nemotron_h_moe": lambda: transformers.NemotronHConfig(
+        vocab_size=BUILTIN_VOCAB, hidden_size=64, hybrid_override_pattern="ME*E-", **ATTENTION,
+        intermediate_size=96, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, **MAMBA,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, moe_shared_expert_intermediate_size=80,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, initializer_range=0.2, time_step_min=DT_FLOOR),
 }
 CLASSES = {"llama": "LlamaForCausalLM", "llama-tied": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
-           "mamba2": "Mamba2ForCausalLM", "nemotron_h": "NemotronHForCausalLM"}
-PATTERNS = {"llama": "*-*-", "llama-tied": "*-*-", "mixtral": "*E*E", "mamba2": "MM", "nemotron_h": "M*-M-"}
+           "mamba2": "Mamba2ForCausalLM", "nemotron_h": "NemotronHForCausalLM",
+           "nemotron_h_moe": "NemotronHForCausalLM"}
+PATTERNS = {"llama": "*-*-", "llama-tied": "*-*-", "mixtral": "*E*E", "mamba2": "MM", "nemotron_h": "M*-M-",
+            "nemotron_h_moe": "ME*E-"}
 
 
 def save_tiny(kind, directory):
     """A random tiny HF model of ``kind`` saved to ``directory``; norms and the Mamba-2 per-head parameters are
     randomised too, so a misplaced one shows. dt_bias ∈ [−6, 1.5] puts Δ = softplus(dt + dt_bias) on both
-    sides of the step floor (DT_FLOOR), which both models must apply alike."""
+    sides of the step floor (DT_FLOOR), which both models must apply alike; the MoE selection bias is random
+    too, so that it moves some choices."""
     torch.manual_seed(0)
     model = getattr(transformers, CLASSES[kind])(CONFIGS[kind]())
     with torch.no_grad():
@@ -67,6 +77,9 @@ def save_tiny(kind, directory):
                 param.uniform_(0.5, 1.5)
             elif name.endswith(".A_log"):
                 param.uniform_(0.0, 1.5)
+        for name, buffer in model.named_buffers():
+            if name.endswith(".e_score_correction_bias"):
+                buffer.uniform_(-0.1, 0.1)
     model.save_pretrained(directory)
     return model.eval()
 
@@ -173,12 +186,15 @@ def parallel_logits(checkpoints, layout):
     return results
 
 
+KINDS = ("llama", "mixtral", "mamba2", "nemotron_h", "nemotron_h_moe")
+
+
 def test_imported_checkpoints_give_the_same_logits_at_tp2_and_pp2(tmp_path):
     from megamix.testing import run_distributed
 
     checkpoints, expected = [], []
     tokens = torch.randint(0, BUILTIN_VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
-    for kind in ("llama", "mixtral", "mamba2", "nemotron_h"):
+    for kind in KINDS:
         hf = save_tiny(kind, tmp_path / kind)
         # the target layout goes into the checkpoint's config; the tensors are whole in any case
         checkpoints.append(hf_to_megamix(tmp_path / kind, tmp_path / f"{kind}-ckpt", ["parallel.tp=2"]))
@@ -191,11 +207,11 @@ def test_imported_checkpoints_give_the_same_logits_at_tp2_and_pp2(tmp_path):
         if layout == "tp":
             for other, mine in zip(ranks[1], logits):
                 assert torch.equal(other, mine)
-        for kind, actual, reference in zip(("llama", "mixtral", "mamba2", "nemotron_h"), logits, expected):
+        for kind, actual, reference in zip(KINDS, logits, expected):
             torch.testing.assert_close(actual, reference, rtol=0, atol=1e-4, msg=f"{kind} at {layout}=2")
 
 
-@pytest.mark.parametrize("kind", ["llama", "nemotron_h"])
+@pytest.mark.parametrize("kind", ["llama", "nemotron_h_moe"])
 def test_converted_checkpoint_continues_training(tmp_path, builtin_cache, kind):
     from megamix.train import Trainer
 
@@ -327,7 +343,7 @@ def test_cli_converts_both_ways_verifies_and_inspects(tmp_path, capsys):
     ("mixtral", {"sliding_window": 4096}, r"sliding_window=4096 is not supported"),
     ("mamba2", {"time_step_limit": [0.01, 10.0]}, r"time_step_limit=\[0\.01, 10\.0\] is not supported"),
     ("mamba2", {"use_conv_bias": False}, r"use_conv_bias=False is not supported"),
-    ("nemotron_h", {"layers_block_type": ["linear_attention", "moe"]}, r"Nemotron-H MoE layers.*supported .*: M, \*, -"),
+    ("nemotron_h_moe", {"moe_latent_size": 32}, r"moe_latent_size=32 is not supported; megamix needs moe_latent_size=None"),
     ("nemotron_h", {"mlp_hidden_act": "silu"}, r"mlp_hidden_act='silu' is not supported"),
     ("nemotron_h", {"hybrid_override_pattern": "M*"}, r"hybrid_override_pattern 'M\*' disagrees"),
 ], ids=["architecture", "llama-act", "llama-rope", "mixtral-window", "mamba2-dt-limit", "mamba2-conv-bias",

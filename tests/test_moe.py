@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from megamix.config import load_config
+from megamix.errors import ConfigError
 from megamix.nn.context import ForwardContext
 from megamix.nn.moe import MoE, sort_by_expert, top_k_routing
 from megamix.parallel import (
@@ -61,6 +63,23 @@ def test_top_k_routing_by_hand():
     indices, weights = top_k_routing(scores, torch.tensor([0.0, 0.0, 0.3, 0.0]), 2, normalize=False)
     assert indices.tolist() == [[2, 1], [2, 0]]
     torch.testing.assert_close(weights, torch.tensor([[0.3, 0.5], [0.15, 0.4]]))
+
+
+def test_group_limited_routing_by_hand():
+    # 8 experts in 4 groups of 2; group scores (sum of the best two): 0.9, 0.95, 0.7, 0.6 → groups 1 and 0
+    scores = torch.tensor([[0.9, 0.0, 0.5, 0.45, 0.6, 0.1, 0.3, 0.3]])
+    indices, weights = top_k_routing(scores, torch.zeros(8), 2, normalize=False)
+    assert indices.tolist() == [[0, 4]]  # without groups: expert 4 (group 2)
+    indices, weights = top_k_routing(scores, torch.zeros(8), 2, normalize=True, num_groups=4, top_k_groups=2,
+                                     scaling_factor=2.5)
+    assert indices.tolist() == [[0, 2]]
+    torch.testing.assert_close(weights, torch.tensor([[0.9 / 1.4 * 2.5, 0.5 / 1.4 * 2.5]]))
+    # the bias takes part in scoring the groups: +0.4 on expert 6 puts group 3 first (1.0), so the experts
+    # come from groups 3 and 1, chosen by s + b; the weights stay s
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.4, 0.0])
+    indices, weights = top_k_routing(scores, bias, 2, normalize=False, num_groups=4, top_k_groups=2)
+    assert indices.tolist() == [[6, 2]]
+    torch.testing.assert_close(weights, torch.tensor([[0.3, 0.5]]))
 
 
 # Softmax probabilities of 2 sequences × 2 tokens over 4 experts; top-2: {0,1} {1,2} | {0,3} {3,0}.
@@ -169,10 +188,8 @@ def loop_over_experts(layer: MoE, x: torch.Tensor, ctx: ForwardContext) -> torch
     every token and g_e(x) the combine weight of e (0 where e is not among the token's top k)."""
     logits = x @ layer.router.weight.T
     scores = logits.softmax(-1) if layer.score == "softmax" else logits.sigmoid()
-    indices = torch.topk(scores + layer.expert_bias, layer.top_k).indices
-    weights = scores.gather(-1, indices)
-    if layer.normalize_top_k:
-        weights = weights / weights.sum(-1, keepdim=True)
+    indices, weights = top_k_routing(scores, layer.expert_bias, layer.top_k, layer.normalize_top_k,
+                                     layer.num_groups, layer.top_k_groups, layer.routed_scaling_factor)
     y = layer.shared_experts(x, ctx) if layer.shared_experts is not None else 0
     for name, expert in layer.experts.items():
         gate = (weights * (indices == int(name))).sum(-1, keepdim=True)
@@ -181,10 +198,12 @@ def loop_over_experts(layer: MoE, x: torch.Tensor, ctx: ForwardContext) -> torch
 
 
 @pytest.mark.parametrize("hidden, ffn, options", [
-    (16, 24, {"num_shared_experts": 1}),
+    (16, 24, {"shared_ffn_hidden_size": 24}),
     (10, 6, {"score": "sigmoid"}),  # widths padded to 16 bytes for the grouped matmul
-    (12, 20, {"normalize_top_k": False, "num_shared_experts": 2}),
-], ids=["softmax-shared", "sigmoid-odd-widths", "unnormalized"])
+    (12, 20, {"normalize_top_k": False, "shared_ffn_hidden_size": 40}),
+    (16, 24, {"kind": "relu2", "score": "sigmoid", "num_groups": 3, "top_k_groups": 2, "routed_scaling_factor": 2.5,
+              "shared_ffn_hidden_size": 40}),  # Nemotron-H's MoE
+], ids=["softmax-shared", "sigmoid-odd-widths", "unnormalized", "relu2-groups-scaled"])
 def test_grouped_experts_equal_the_loop_over_experts(hidden, ffn, options):
     layer = randomize(MoE(hidden, ffn, 6, 2, **options))
     layer.expert_bias[5] = -100.0  # no token picks expert 5
@@ -202,11 +221,12 @@ def test_grouped_experts_equal_the_loop_over_experts(hidden, ffn, options):
     assert_close(x_grad, x_grad_loop)
     for name, grad in grads.items():
         assert_close(grad, grads_loop[name], msg=name)
-    assert not grads["experts.5.gate_up_proj.weight"].any() and not grads["experts.5.down_proj.weight"].any()
+    idle = [grad for name, grad in grads.items() if name.startswith("experts.5.")]
+    assert len(idle) == 2 and not any(grad.any() for grad in idle)
 
 
 def test_bf16_autocast_runs_the_experts_in_bf16():
-    layer = randomize(MoE(16, 24, 4, 2, num_shared_experts=1))
+    layer = randomize(MoE(16, 24, 4, 2, shared_ffn_hidden_size=24))
     x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
     reference = layer(x, context())
     x = x.clone().requires_grad_()
@@ -219,7 +239,7 @@ def test_bf16_autocast_runs_the_experts_in_bf16():
 
 
 def test_flops_per_token_count_the_router_and_the_active_experts():
-    layer = MoE(16, 24, 8, 2, num_shared_experts=1)
+    layer = MoE(16, 24, 8, 2, shared_ffn_hidden_size=24)
     assert layer.flops_per_token(32) == 2 * 16 * 8 + (2 + 1) * 2 * 3 * 16 * 24
 
 
@@ -227,7 +247,7 @@ def test_flops_per_token_count_the_router_and_the_active_experts():
 # Expert, tensor and sequence parallel equal one process
 
 SIZES = {"hidden_size": 16, "ffn_hidden_size": 24, "num_experts": 4, "top_k": 2}
-OPTIONS = {"aux_loss_coeff": 0.1, "z_loss_coeff": 0.01, "num_shared_experts": 1}
+OPTIONS = {"aux_loss_coeff": 0.1, "z_loss_coeff": 0.01, "shared_ffn_hidden_size": 24}
 
 
 def batch(index: int, seq: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +257,7 @@ def batch(index: int, seq: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference_layer(options: dict, bias: list[float]) -> MoE:
-    layer = randomize(MoE(**SIZES, **OPTIONS, **options))
+    layer = randomize(MoE(**SIZES, **(OPTIONS | options)))
     layer.expert_bias.copy_(torch.tensor(bias))
     return layer
 
@@ -249,7 +269,7 @@ def parallel_forward_backward(tp, ep, sequence_parallel, options, bias):
     parallel = ParallelState.create(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
     tensor_parallel = parallel.tensor_parallel
     reference = reference_layer(options, bias)
-    layer = MoE(**SIZES, **OPTIONS, **options, tp=tensor_parallel, ep=parallel.ep)
+    layer = MoE(**SIZES, **(OPTIONS | options), tp=tensor_parallel, ep=parallel.ep)
     mark_sequence_parallel(layer, tensor_parallel)
     full = dict(reference.named_parameters())
     with torch.no_grad():
@@ -288,8 +308,10 @@ ONE_IDLE_EXPERT_PER_RANK = [10.0, 0.0, 10.0, 0.0]  # experts 1 and 3 get no toke
     (2, 2, 1, True, {"score": "sigmoid", "aux_loss_type": "sequence"}, [0.0] * 4),
     (4, 2, 2, False, {"capacity_factor": 1.0}, [0.0] * 4),
     (4, 2, 2, True, {}, ROUTE_ALL_TO_RANK_0),
+    (4, 2, 2, False, {"kind": "relu2", "score": "sigmoid", "num_groups": 2, "routed_scaling_factor": 2.5,
+                      "shared_ffn_hidden_size": 40}, [0.0] * 4),
 ], ids=["ep2", "ep2-idle-rank", "ep2-idle-experts-capacity", "tp2-sp-sigmoid", "ep2xtp2-capacity",
-        "ep2xtp2-sp-idle-rank"])
+        "ep2xtp2-sp-idle-rank", "ep2xtp2-relu2-groups"])
 def test_parallel_layer_equals_one_process(world, tp, ep, sequence_parallel, options, bias):
     dp = world // tp
     reference = reference_layer(options, bias)
@@ -326,3 +348,16 @@ def test_parallel_layer_equals_one_process(world, tp, ep, sequence_parallel, opt
     idle = [e for e, b in enumerate(bias) if b < max(bias)]
     for name, grad in reference_grads.items():
         assert grad.any() != (name.startswith("experts.") and int(name.split(".")[1]) in idle), name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.moe.num_groups=3"], "model.moe.num_groups (3) must be positive and divide num_experts (8)"),
+    (["model.moe.num_groups=4", "model.moe.top_k_groups=5"], "model.moe.top_k_groups (5) must be in [1, num_groups=4]"),
+    (["model.moe.num_groups=8"], "its groups must hold top_k (2) experts (1 per group)"),
+    (["model.moe.shared_ffn_hidden_size=64"], "model.moe.shared_ffn_hidden_size (64) needs model.moe.shared_experts >= 1"),
+    (["model.moe.routed_scaling_factor=0"], "model.moe.routed_scaling_factor: must be > 0, got 0"),
+])
+def test_moe_options_the_layer_cannot_take_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["model.pattern=*E", *overrides])
+    assert message in str(error.value)

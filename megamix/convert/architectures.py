@@ -246,14 +246,17 @@ def _mamba2_unfit(m: ModelConfig) -> str | None:
 
 def _backbone_layer(m: ModelConfig, i: int, kind: str) -> list[Link]:
     hf, mx = f"backbone.layers.{i}", f"layers.{i}"
-    mixer = {"M": links.mamba2, "*": links.attention, "-": links.relu2_mlp}[kind]
+    mixer = {"M": links.mamba2, "*": links.attention, "-": links.nemotron_h_mlp, "E": links.nemotron_h_moe}[kind]
     return [Link.stack(f"{mx}.norm.weight", (f"{hf}.norm.weight", (m.hidden_size,))), *mixer(m, mx, f"{hf}.mixer")]
 
 
 _NEMOTRON_H_KINDS = {"linear_attention": "M", "full_attention": "*", "mlp": "-", "moe": "E"}
 _NEMOTRON_H_DEFAULTS = {**_MAMBA2_DEFAULTS, "mamba_hidden_act": "silu", "mlp_hidden_act": "relu2",
                         "attention_bias": False, "mlp_bias": False, "sliding_window": None,
-                        "num_nextn_predict_layers": 0, "n_groups": 8, "initializer_range": 0.02}
+                        "num_nextn_predict_layers": 0, "n_groups": 8, "initializer_range": 0.02,
+                        "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 7688,
+                        "moe_shared_expert_intermediate_size": 7688, "routed_scaling_factor": 1.0, "n_group": 1,
+                        "topk_group": 1, "norm_topk_prob": True}
 
 
 def _nemotron_h_pattern(hf: dict[str, Any], source: str) -> str:
@@ -278,11 +281,21 @@ def _nemotron_h_pattern(hf: dict[str, Any], source: str) -> str:
     layers = hf.get("num_hidden_layers")
     if layers is not None and layers != len(pattern):
         raise ConfigError(f"{source}: num_hidden_layers={layers}, but the pattern {pattern!r} has {len(pattern)}")
-    if "E" in pattern:
-        raise ConfigError(f"{source}: Nemotron-H MoE layers ('E' in {pattern!r}) are not supported: their experts "
-                          f"are non-gated squared-ReLU MLPs with sigmoid group routing, megamix 'E' experts are "
-                          f"SwiGLU; supported Nemotron-H layers: M, *, -")
     return pattern
+
+
+def _nemotron_h_moe(hf: dict[str, Any]) -> MoEConfig:
+    """Nemotron-H's MoE: sigmoid scores, group-limited top-k with a selection bias, scaled combine weights, one
+    shared MLP; all squared-ReLU. Training coefficients (not in config.json) are DeepSeek-V3's: bias update
+    rate 1e-3 and a sequence-wise balance loss of 1e-4."""
+    value = {key: _get(hf, key, default) for key, default in _NEMOTRON_H_DEFAULTS.items()}
+    return MoEConfig(num_experts=value["n_routed_experts"], top_k=value["num_experts_per_tok"],
+                     ffn_hidden_size=value["moe_intermediate_size"], score="sigmoid",
+                     normalize_top_k=bool(value["norm_topk_prob"]),
+                     routed_scaling_factor=float(value["routed_scaling_factor"]), num_groups=value["n_group"],
+                     top_k_groups=value["topk_group"], shared_experts=1,
+                     shared_ffn_hidden_size=value["moe_shared_expert_intermediate_size"], aux_loss_coeff=1e-4,
+                     aux_loss_type="sequence", z_loss_coeff=0.0, bias_update_rate=1e-3)
 
 
 def _nemotron_h_config(hf: dict[str, Any], source: str) -> ModelConfig:
@@ -291,8 +304,10 @@ def _nemotron_h_config(hf: dict[str, Any], source: str) -> ModelConfig:
               "num_nextn_predict_layers": 0}
     if "M" in pattern:
         wanted |= {"mamba_hidden_act": "silu", "use_conv_bias": True}
-    if "-" in pattern:
+    if "-" in pattern or "E" in pattern:
         wanted["mlp_hidden_act"] = "relu2"
+    if "E" in pattern:
+        wanted["moe_latent_size"] = None
     _expect(hf, source, wanted, _NEMOTRON_H_DEFAULTS)
     # transformers' Nemotron-H clamps Δ at time_step_min
     mamba = _mamba(hf, _NEMOTRON_H_DEFAULTS, "mamba_num_heads", "mamba_head_dim", "ssm_state_size",
@@ -304,7 +319,8 @@ def _nemotron_h_config(hf: dict[str, Any], source: str) -> ModelConfig:
     return ModelConfig(pattern=pattern, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], **heads,
                        ffn_hidden_size=_get(hf, "intermediate_size", 21504),
                        norm_eps=_get(hf, "layer_norm_epsilon", 1e-5), rotary=False, tie_embeddings=False,
-                       init_std=_get(hf, "initializer_range", 0.02), mlp="relu2", mamba=mamba)
+                       init_std=_get(hf, "initializer_range", 0.02), mlp="relu2", mamba=mamba,
+                       moe=_nemotron_h_moe(hf) if "E" in pattern else MoEConfig())
 
 
 def _nemotron_h_hf_config(m: ModelConfig) -> dict[str, Any]:
@@ -315,17 +331,29 @@ def _nemotron_h_hf_config(m: ModelConfig) -> dict[str, Any]:
             "hybrid_override_pattern": pattern, "num_hidden_layers": len(pattern), **_attention_fields(m),
             "intermediate_size": m.ffn_hidden_size, "mlp_hidden_act": "relu2", "mlp_bias": False,
             "mamba_num_heads": mb.num_heads, "mamba_head_dim": mb.head_dim, "ssm_state_size": mb.state_size,
-            "expand": mb.expand, "mamba_hidden_act": "silu", "num_nextn_predict_layers": 0, **_mamba_fields(m)}
+            "expand": mb.expand, "mamba_hidden_act": "silu", "num_nextn_predict_layers": 0, **_mamba_fields(m),
+            **(_nemotron_h_moe_fields(m.moe) if "E" in pattern else {})}
+
+
+def _nemotron_h_moe_fields(moe: MoEConfig) -> dict[str, Any]:
+    return {"n_routed_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+            "moe_intermediate_size": moe.ffn_hidden_size, "moe_shared_expert_intermediate_size": moe.shared_width,
+            "moe_latent_size": None, "routed_scaling_factor": moe.routed_scaling_factor, "n_group": moe.num_groups,
+            "topk_group": moe.top_k_groups, "norm_topk_prob": moe.normalize_top_k}
 
 
 def _nemotron_h_unfit(m: ModelConfig) -> str | None:
     pattern = m.pattern.replace("|", "")
-    if set(pattern) - set("M*-"):
-        return f"Nemotron-H layers are M, * and - here; the pattern has {''.join(sorted(set(pattern) - set('M*-')))}"
+    if set(pattern) - set("M*-E"):
+        return f"Nemotron-H layers are M, *, - and E; the pattern has {''.join(sorted(set(pattern) - set('M*-E')))}"
     if "*" in pattern and m.rotary:
         return "Nemotron-H attention has no position embeddings (needs model.rotary=false)"
-    if "-" in pattern and m.mlp != "relu2":
-        return f"Nemotron-H MLPs are squared-ReLU (needs model.mlp=relu2, not {m.mlp})"
+    if ("-" in pattern or "E" in pattern) and m.mlp != "relu2":
+        return f"Nemotron-H MLPs and experts are squared-ReLU (needs model.mlp=relu2, not {m.mlp})"
+    moe = m.moe
+    if "E" in pattern and (moe.score != "sigmoid" or not moe.shared_experts or moe.capacity_factor is not None):
+        return (f"Nemotron-H MoE layers route by sigmoid scores, dropless, with shared experts (model.moe.score="
+                f"{moe.score}, shared_experts={moe.shared_experts}, capacity_factor={moe.capacity_factor})")
     if m.tie_embeddings:
         return "transformers' NemotronHForCausalLM does not tie lm_head to the embeddings (model.tie_embeddings)"
     if "M" in pattern and m.mamba.dt_floor != m.mamba.dt_min:

@@ -53,21 +53,40 @@ def gated_mlp(mx: str, hf: str, hidden: int, ffn: int, gate: str, up: str, down:
             Link.stack(f"{mx}.down_proj.weight", (f"{hf}.{down}.weight", (hidden, ffn)))]
 
 
-def relu2_mlp(m: ModelConfig, mx: str, hf: str) -> list[Link]:
-    """A squared-ReLU MLP ``{mx}.mixer`` ↔ ``{hf}.{up,down}_proj``."""
-    h, f = m.hidden_size, m.ffn_hidden_size
-    return [Link.stack(f"{mx}.mixer.up_proj.weight", (f"{hf}.up_proj.weight", (f, h))),
-            Link.stack(f"{mx}.mixer.down_proj.weight", (f"{hf}.down_proj.weight", (h, f)))]
+def relu2_mlp(mx: str, hf: str, hidden: int, ffn: int) -> list[Link]:
+    """A squared-ReLU MLP ``{mx}`` (``up_proj``, ``down_proj``) ↔ the HF linears ``{hf}.{up,down}_proj.weight``."""
+    return [Link.stack(f"{mx}.up_proj.weight", (f"{hf}.up_proj.weight", (ffn, hidden))),
+            Link.stack(f"{mx}.down_proj.weight", (f"{hf}.down_proj.weight", (hidden, ffn)))]
+
+
+def nemotron_h_mlp(m: ModelConfig, mx: str, hf: str) -> list[Link]:
+    """Nemotron-H's squared-ReLU MLP ``{mx}.mixer`` ↔ ``{hf}.{up,down}_proj``."""
+    return relu2_mlp(f"{mx}.mixer", hf, m.hidden_size, m.ffn_hidden_size)
+
+
+def _router(mx: str, hf_weight: str, m: ModelConfig) -> Link:
+    return Link.stack(f"{mx}.mixer.router.weight", (hf_weight, (m.moe.num_experts, m.hidden_size)))
 
 
 def mixtral_moe(m: ModelConfig, mx: str, hf: str) -> list[Link]:
     """Softmax-routed SwiGLU experts ``{mx}.mixer`` ↔ Mixtral's ``{hf}.gate`` and ``{hf}.experts.<e>.w1/w3/w2``
     (gate, up, down). The selection bias has no Mixtral counterpart."""
     e, h = m.moe.num_experts, m.hidden_size
-    links = [Link.stack(f"{mx}.mixer.router.weight", (f"{hf}.gate.weight", (e, h)))]
+    links = [_router(mx, f"{hf}.gate.weight", m)]
     for j in range(e):
         links += gated_mlp(f"{mx}.mixer.experts.{j}", f"{hf}.experts.{j}", h, m.moe.ffn_hidden_size, "w1", "w3", "w2")
     return [*links, Link(f"{mx}.mixer.expert_bias", (), (e,))]
+
+
+def nemotron_h_moe(m: ModelConfig, mx: str, hf: str) -> list[Link]:
+    """Sigmoid-routed squared-ReLU experts ``{mx}.mixer`` ↔ Nemotron-H's ``{hf}.gate`` (weight and the selection
+    bias ``e_score_correction_bias``), ``{hf}.experts.<e>.{up,down}_proj`` and ``{hf}.shared_experts``."""
+    moe, h = m.moe, m.hidden_size
+    links = [_router(mx, f"{hf}.gate.weight", m),
+             Link.stack(f"{mx}.mixer.expert_bias", (f"{hf}.gate.e_score_correction_bias", (moe.num_experts,)))]
+    for j in range(moe.num_experts):
+        links += relu2_mlp(f"{mx}.mixer.experts.{j}", f"{hf}.experts.{j}", h, moe.ffn_hidden_size)
+    return [*links, *relu2_mlp(f"{mx}.mixer.shared_experts", f"{hf}.shared_experts", h, moe.shared_width)]
 
 
 def mamba2(m: ModelConfig, mx: str, hf: str) -> list[Link]:

@@ -28,6 +28,7 @@ from megamix_kernels.linear_attention.chunk import BLOCK_ROWS
 
 from megamix.config import ModelConfig
 from megamix.nn.lightning import CHUNK_SIZE
+from megamix.nn.mlp import MLP_MATRICES
 
 
 @dataclass(frozen=True)
@@ -124,15 +125,15 @@ def mlp_bytes(c: ModelConfig, s: MicroBatchShape) -> float:
 
 def moe_bytes(c: ModelConfig, s: MicroBatchShape) -> float:
     """``E``: the router's input (a sequence shard under SP) and fp32 scores; per routed copy of a token
-    (top-k) its dispatched input, the expert's SwiGLU tensors and its output; the shared experts'
-    SwiGLU; and the local experts' weights stacked for the grouped matmul (per micro-batch)."""
+    (top-k) its dispatched input, the expert's MLP tensors (:data:`MLP_WIDTHS`) and its output; the shared
+    experts' MLP; and the local experts' weights stacked for the grouped matmul (per micro-batch)."""
     moe, h = c.moe, c.hidden_size
     ffn = moe.ffn_hidden_size // s.tp
-    routed = moe.top_k * (3 * h + MLP_WIDTHS["swiglu"] * ffn)
-    shared = (MLP_WIDTHS["swiglu"] * moe.shared_experts * ffn + h) if moe.shared_experts else 0
+    routed = moe.top_k * (3 * h + MLP_WIDTHS[c.mlp] * ffn)
+    shared = (MLP_WIDTHS[c.mlp] * moe.shared_width // s.tp + h) if moe.shared_experts else 0
     router = 2 * moe.num_experts + 5 * moe.top_k  # scores, logits; indices, order, token (int64) and weights
     per_token = _per_token(s, 2 * h + 1, 0, routed + shared, router)
-    stacked = (moe.num_experts // s.ep) * 3 * h * ffn * s.dtype_bytes
+    stacked = (moe.num_experts // s.ep) * MLP_MATRICES[c.mlp] * h * ffn * s.dtype_bytes
     return s.tokens * per_token + stacked
 
 

@@ -15,6 +15,7 @@ import torch
 
 from megamix.config import ModelConfig
 from megamix.models import HybridModel
+from megamix.nn.mlp import MLP_MATRICES
 from megamix.parallel import Group, TensorParallel, sharding_of
 from megamix.parallel.pipeline import STAGE_MARK
 
@@ -85,6 +86,6 @@ def total_parameters(cfg: ModelConfig) -> tuple[int, int]:
     inactive = 0
     if "E" in cfg.pattern:
         moe = cfg.moe
-        per_expert = 3 * cfg.hidden_size * moe.ffn_hidden_size
+        per_expert = MLP_MATRICES[cfg.mlp] * cfg.hidden_size * moe.ffn_hidden_size
         inactive = cfg.pattern.count("E") * (moe.num_experts - moe.top_k) * per_expert
     return total, total - inactive

@@ -64,8 +64,10 @@ def _moe(c: ModelConfig, tp: TensorParallel, index: int, ep: Group) -> MoE:
     m = c.moe
     return MoE(c.hidden_size, m.ffn_hidden_size, m.num_experts, m.top_k, score=m.score,
                normalize_top_k=m.normalize_top_k, aux_loss_coeff=m.aux_loss_coeff, aux_loss_type=m.aux_loss_type,
-               z_loss_coeff=m.z_loss_coeff, bias_update_rate=m.bias_update_rate, num_shared_experts=m.shared_experts,
-               capacity_factor=m.capacity_factor, drop_policy=m.drop_policy, name=f"layers.{index}", tp=tp, ep=ep)
+               z_loss_coeff=m.z_loss_coeff, bias_update_rate=m.bias_update_rate, shared_ffn_hidden_size=m.shared_width,
+               num_groups=m.num_groups, top_k_groups=m.top_k_groups,
+               routed_scaling_factor=m.routed_scaling_factor, capacity_factor=m.capacity_factor,
+               drop_policy=m.drop_policy, kind=c.mlp, name=f"layers.{index}", tp=tp, ep=ep)
 
 
 def _moh(c: ModelConfig, tp: TensorParallel, index: int, ep: Group) -> MoHAttention:

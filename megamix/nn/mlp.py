@@ -32,6 +32,21 @@ class SiluGateFunction(torch.autograd.Function):
         return grad_gate_up
 
 
+def mlp_activation(kind: str, projected: torch.Tensor) -> torch.Tensor:
+    """The MLP's nonlinearity on its input projection: ``[gate | up] [..., 2·ffn]`` for the gated kinds
+    (``swiglu``: silu(gate) ⊙ up; ``sglu``: gate ⊙ up), ``up [..., ffn]`` for ``relu2`` (relu(up)²) → ``[..., ffn]``."""
+    if kind == "relu2":
+        return F.relu(projected).square()
+    if kind == "swiglu":
+        return SiluGateFunction.apply(projected)
+    gate, up = projected.chunk(2, dim=-1)
+    return gate * up
+
+
+# Weight matrices of ffn_hidden_size × hidden_size per MLP kind
+MLP_MATRICES = {"swiglu": 3, "sglu": 3, "relu2": 2}
+
+
 class GatedMLP(nn.Module):
     """The dense MLP of ``-`` layers, ``x [batch, seq, hidden] → [batch, seq, hidden]``, by ``kind``:
 
@@ -61,16 +76,14 @@ class GatedMLP(nn.Module):
             self.gate_up_proj = ColumnParallelLinear(hidden_size, [ffn_hidden_size, ffn_hidden_size], tp)
         self.down_proj = RowParallelLinear(ffn_hidden_size, hidden_size, tp)
 
+    @property
+    def in_proj(self) -> ColumnParallelLinear:
+        """The input projection: ``gate_up_proj`` (gated kinds) or ``up_proj`` (relu2)."""
+        return self.up_proj if self.kind == "relu2" else self.gate_up_proj
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        if self.kind == "relu2":
-            return self.down_proj(F.relu(self.up_proj(x)).square())
-        gate_up = self.gate_up_proj(x)
-        if self.kind == "swiglu":
-            return self.down_proj(SiluGateFunction.apply(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(gate * up)
+        return self.down_proj(mlp_activation(self.kind, self.in_proj(x)))
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Forward FLOPs of one token: 2 per multiply-add of the weight matrices (three gated, two relu2)."""
-        matrices = 2 if self.kind == "relu2" else 3
-        return 2 * matrices * self.hidden_size * self.ffn_hidden_size
+        """Forward FLOPs of one token: 2 per multiply-add of the weight matrices (:data:`MLP_MATRICES`)."""
+        return 2 * MLP_MATRICES[self.kind] * self.hidden_size * self.ffn_hidden_size

@@ -1,9 +1,11 @@
-"""Mixture-of-experts MLP mixer (pattern ``E``): each token runs through k of E SwiGLU experts.
+"""Mixture-of-experts MLP mixer (pattern ``E``): each token runs through k of E expert MLPs.
 
     s = softmax(W_r x)  or  sigmoid(W_r x)         router scores  [tokens, E]
     K = top-k_i (s_i + b_i)                         b: the balancing bias, which moves only the selection
-    g_i = s_i, i ∈ K  (optionally g / Σ_K g)        combine weights
-    y = Σ_{i∈K} g_i · FFN_i(x) + FFN_shared(x)      FFN(x) = W_down (silu(W_gate x) ⊙ W_up x)
+                                                    (optionally only among the experts of the best groups)
+    g_i = α · s_i, i ∈ K  (optionally α · s_i / Σ_K s)   combine weights, α the routed scaling factor
+    y = Σ_{i∈K} g_i · FFN_i(x) + FFN_shared(x)      FFN: the MLP of ``model.mlp``, e.g. SwiGLU
+                                                    W_down (silu(W_gate x) ⊙ W_up x) or squared ReLU
 
 The experts run without a Python loop over experts: the (token, expert) assignments are
 sorted by expert and each projection is one grouped matmul over the sorted rows.
@@ -19,7 +21,7 @@ from torch import nn
 
 from megamix.errors import ConfigError
 from megamix.nn.context import ForwardContext
-from megamix.nn.mlp import GatedMLP, SiluGateFunction
+from megamix.nn.mlp import GatedMLP, mlp_activation
 from megamix.parallel import comm
 from megamix.parallel.experts import ExpertDispatch
 from megamix.parallel.sharding import mark_expert_parallel
@@ -27,19 +29,29 @@ from megamix.parallel.state import NO_TENSOR_PARALLEL, SINGLE, Group, TensorPara
 from megamix.parallel.tensor_parallel import tp_input, tp_output
 
 
-def top_k_routing(scores: torch.Tensor, bias: torch.Tensor, top_k: int,
-                  normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_routing(scores: torch.Tensor, bias: torch.Tensor, top_k: int, normalize: bool, num_groups: int = 1,
+                  top_k_groups: int = 1, scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The k experts of each token and their combine weights.
 
     scores ``[..., E]``, bias ``[E]`` → indices ``[..., k]`` (best first), weights ``[..., k]``.
     The experts are those with the top ``s + b``; the weights are the unbiased scores ``s``
-    (DeepSeek-V3's auxiliary-loss-free balancing), divided by their sum when ``normalize``.
+    (DeepSeek-V3's auxiliary-loss-free balancing), divided by their sum when ``normalize``, times
+    ``scaling_factor``. Group-limited routing (DeepSeek-V3, ``num_groups`` > 1): the E experts form
+    ``num_groups`` consecutive groups, each scored by the sum of its two best ``s + b``, and a token
+    picks its k experts only from its ``top_k_groups`` best groups.
     """
-    indices = torch.topk(scores + bias, top_k, dim=-1).indices
+    choice = scores + bias
+    if num_groups > 1:
+        grouped = choice.unflatten(-1, (num_groups, -1))  # [..., groups, E / groups]
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        best = group_scores.topk(top_k_groups, dim=-1).indices
+        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, best, True)
+        choice = grouped.masked_fill(~allowed.unsqueeze(-1), -math.inf).flatten(-2)
+    indices = torch.topk(choice, top_k, dim=-1).indices
     weights = scores.gather(-1, indices)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return indices, weights
+    return indices, weights * scaling_factor
 
 
 def switch_aux_loss(prob_sum: torch.Tensor, load: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
@@ -104,16 +116,18 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
 
 
 class MoE(nn.Module):
-    """Routed SwiGLU experts plus optional shared ones, ``x [batch, seq, hidden] → [batch, seq, hidden]``.
+    """Routed expert MLPs plus optional shared ones, ``x [batch, seq, hidden] → [batch, seq, hidden]``.
 
     Parameters: ``router.weight [E, hidden]``; ``experts.<e>`` for this ep rank's experts, e the
-    global index (rank r of ``ep`` holds [r·E/ep, (r+1)·E/ep)), each a :class:`GatedMLP` whose
-    ffn dim is split over TP (``gate_up_proj`` column-parallel with parts [ffn, ffn],
-    ``down_proj`` row-parallel) and marked expert-parallel; ``shared_experts``, one GatedMLP of
-    ``num_shared_experts · ffn`` that every token uses. The experts' own forwards (with their
-    TP collectives) are not used: the layer gathers the tokens once and reduces once.
+    global index (rank r of ``ep`` holds [r·E/ep, (r+1)·E/ep)), each a :class:`GatedMLP` of ``kind``
+    whose ffn dim is split over TP (its input projection column-parallel, ``down_proj``
+    row-parallel) and marked expert-parallel; ``shared_experts``, one GatedMLP of
+    ``shared_ffn_hidden_size`` (0: none) that every token uses. The
+    experts' own forwards (with their TP collectives) are not used: the layer gathers the tokens
+    once and reduces once.
 
-    Routing: see :func:`top_k_routing` (``score``, ``normalize_top_k``). With
+    Routing: see :func:`top_k_routing` (``score``, ``normalize_top_k``, ``num_groups``,
+    ``top_k_groups``, ``routed_scaling_factor``). With
     ``capacity_factor`` c an expert takes at most ⌈c·T·k/E⌉ of the T tokens of the rank's
     micro-batch and drops the rest by ``drop_policy`` (:func:`sort_by_expert`); None is dropless.
 
@@ -138,8 +152,10 @@ class MoE(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int, *,
                  score: str = "softmax", normalize_top_k: bool = True, aux_loss_coeff: float = 0.0,
                  aux_loss_type: str = "batch", z_loss_coeff: float = 0.0, bias_update_rate: float = 0.0,
-                 num_shared_experts: int = 0, capacity_factor: float | None = None,
-                 drop_policy: str = "probability", name: str = "moe",
+                 shared_ffn_hidden_size: int = 0,
+                 num_groups: int = 1, top_k_groups: int = 1, routed_scaling_factor: float = 1.0,
+                 capacity_factor: float | None = None, drop_policy: str = "probability", kind: str = "swiglu",
+                 name: str = "moe",
                  tp: TensorParallel = NO_TENSOR_PARALLEL, ep: Group | None = None):
         super().__init__()
         for what, value, known in (("score", score, ("softmax", "sigmoid")),
@@ -149,6 +165,11 @@ class MoE(nn.Module):
                 raise ValueError(f"unknown MoE {what} {value!r}; known: {', '.join(known)}")
         if not 1 <= top_k <= num_experts:
             raise ConfigError(f"the MoE top_k ({top_k}) must be between 1 and num_experts ({num_experts})")
+        if num_experts % num_groups or not 1 <= top_k_groups <= num_groups \
+                or top_k > top_k_groups * (num_experts // num_groups):
+            raise ConfigError(f"MoE routing groups: need num_experts ({num_experts}) divisible by num_groups "
+                              f"({num_groups}), 1 <= top_k_groups ({top_k_groups}) <= num_groups, and top_k "
+                              f"({top_k}) experts within top_k_groups groups")
         ep = ep or SINGLE
         if num_experts % ep.size:
             raise ConfigError(f"the number of experts ({num_experts}) must be divisible by parallel.ep ({ep.size})")
@@ -157,18 +178,19 @@ class MoE(nn.Module):
         self.score, self.normalize_top_k = score, normalize_top_k
         self.aux_loss_coeff, self.aux_loss_type, self.z_loss_coeff = aux_loss_coeff, aux_loss_type, z_loss_coeff
         self.bias_update_rate = bias_update_rate
-        self.num_shared_experts = num_shared_experts
+        self.num_groups, self.top_k_groups, self.routed_scaling_factor = num_groups, top_k_groups, routed_scaling_factor
+        self.kind = kind
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.name, self.tp, self.ep = name, tp, ep
 
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         local = num_experts // ep.size
         self.experts = nn.ModuleDict(
-            (str(e), GatedMLP(hidden_size, ffn_hidden_size, tp)) for e in range(ep.rank * local, (ep.rank + 1) * local))
+            (str(e), GatedMLP(hidden_size, ffn_hidden_size, tp, kind))
+            for e in range(ep.rank * local, (ep.rank + 1) * local))
         for param in self.experts.parameters():
             mark_expert_parallel(param, tp.size)
-        self.shared_experts = (GatedMLP(hidden_size, num_shared_experts * ffn_hidden_size, tp)
-                               if num_shared_experts else None)
+        self.shared_experts = GatedMLP(hidden_size, shared_ffn_hidden_size, tp, kind) if shared_ffn_hidden_size else None
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
 
@@ -182,7 +204,8 @@ class MoE(nn.Module):
         logits = self.router(x).float()  # [batch, seq_local, E]; scores, top-k and losses in fp32
         scores = logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()
         all_scores = tp_input(scores, self.tp)  # [batch, seq, E]
-        indices, weights = top_k_routing(all_scores, self.expert_bias, self.top_k, self.normalize_top_k)
+        indices, weights = top_k_routing(all_scores, self.expert_bias, self.top_k, self.normalize_top_k,
+                                         self.num_groups, self.top_k_groups, self.routed_scaling_factor)
         tokens = tp_input(x, self.tp)  # [batch, seq, hidden]
         y = self._routed_experts(tokens.flatten(0, 1), all_scores.flatten(0, 1), indices.flatten(0, 1),
                                  weights.flatten(0, 1))
@@ -211,14 +234,14 @@ class MoE(nn.Module):
         """This rank's experts on their rows: x ``[rows, hidden]`` grouped by local expert, counts
         ``[local experts]`` → ``[rows, hidden]`` (partial over TP). The weights are stacked per call:
         parameters stay per expert, and the copy is small next to the matmuls."""
-        gate_up = torch.stack([expert.gate_up_proj.weight for expert in self.experts.values()])
+        up = torch.stack([expert.in_proj.weight for expert in self.experts.values()])
         down = torch.stack([expert.down_proj.weight for expert in self.experts.values()])
-        return grouped_linear(SiluGateFunction.apply(grouped_linear(x, gate_up, counts)), down, counts)
+        return grouped_linear(mlp_activation(self.kind, grouped_linear(x, up, counts)), down, counts)
 
     def _shared_experts(self, tokens: torch.Tensor) -> torch.Tensor:
         """FFN_shared(tokens ``[T, hidden]``) → ``[T, hidden]`` (partial over TP)."""
         mlp = self.shared_experts
-        return F.linear(SiluGateFunction.apply(F.linear(tokens, mlp.gate_up_proj.weight)), mlp.down_proj.weight)
+        return F.linear(mlp_activation(self.kind, F.linear(tokens, mlp.in_proj.weight)), mlp.down_proj.weight)
 
     def _balance(self, y: torch.Tensor, logits: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor,
                  ctx: ForwardContext) -> torch.Tensor:
