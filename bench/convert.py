@@ -5,19 +5,19 @@ ffn 2816, vocabulary 32000, untied head: 264 M parameters, 1.06 GB) in ``--shard
 with an index, then times, each in a fresh Python process:
 
 - ``copy``: copying those files (``shutil.copyfile``: in the kernel, the bytes never reach the process);
-- ``copy_through_memory``: copying them through the process in 64 MiB reads and writes, the floor of any
-  conversion that must look at the bytes;
+- ``copy_synced``: the same, then ``fsync`` of each copy — as durable as a checkpoint, which DCP syncs;
 - ``hf_to_megamix``: HF → megamix ``step_0`` (the weights plus the fp32 zero Adam moments and run state that
-  ``train.resume`` needs, so it writes about 3× the bytes it reads);
+  ``train.resume`` needs: 3× the bytes it reads, the moments as file holes);
 - ``hf_to_megamix_weights_only``: the same with ``weights_only=True`` (``--weights-only``): the weights alone;
 - ``megamix_to_hf``: that checkpoint → HF shards (``--shard-size`` GiB) with an index, fp32 as stored.
 
 Each process imports torch and megamix first, then reads its resident memory (``VmRSS``) as the baseline;
 ``peak_rss_above_baseline_mb`` is its high-water mark (``VmHWM``) after the work minus that baseline. All
-runs read warm files (the page cache holds the model after it is written). Targets (issue 9): peak ≤ 1.5 GB
-above the baseline, and conversion time within 2× of copying the files. ``*_time_over_copy`` divide by
-the copy's time, ``*_time_over_copy_through_memory`` by the second copy's; ``bytes_written`` say what
-each wrote. Finally the exported tensors are compared with
+runs read warm files (the page cache holds the model after it is written) and start with nothing left to
+write back (``os.sync()`` before each). Targets (issue 9): peak ≤ 1.5 GB
+above the baseline, and conversion time within 2× of copying the files. ``time_over_copy`` divides by the
+copy's time, ``time_over_copy_synced`` by the synced copy's; ``bytes_written`` (apparent sizes) and
+``bytes_on_disk`` (allocated blocks) say what each wrote. Finally the exported tensors are compared with
 the originals one by one (``round_trip_bit_identical``). Prints one JSON object.
 
     python bench/convert.py [--dir DIR] [--shards 4] [--shard-size 0.25] [--repeats 2] [--keep]
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,7 @@ HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 1024, 16, 16, 4, 64, 281
 
 # Run in a fresh interpreter: baseline after imports, then the work, then the high-water mark.
 _CHILD = textwrap.dedent("""
-    import json, shutil, sys, time
+    import json, os, shutil, sys, time
     from pathlib import Path
     import torch
     from megamix.convert.directions import hf_to_megamix, megamix_to_hf
@@ -55,12 +56,12 @@ _CHILD = textwrap.dedent("""
         dst.mkdir(parents=True)
         for file in sorted(src.iterdir()):
             shutil.copyfile(file, dst / file.name)
-    elif phase == "copy_through_memory":
+    elif phase == "copy_synced":
         dst.mkdir(parents=True)
         for file in sorted(src.iterdir()):
-            with open(file, "rb") as f, open(dst / file.name, "wb") as g:
-                while chunk := f.read(64 << 20):
-                    g.write(chunk)
+            shutil.copyfile(file, dst / file.name)
+            with open(dst / file.name, "rb+") as g:
+                os.fsync(g.fileno())
     elif phase == "hf_to_megamix":
         hf_to_megamix(src, dst)
     elif phase == "hf_to_megamix_weights_only":
@@ -118,8 +119,10 @@ def run_phase(phase: str, src: Path, dst: Path, shard_bytes: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def tree_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def tree_bytes(path: Path) -> tuple[int, int]:
+    """Apparent and allocated bytes of the files under ``path``."""
+    files = [f.stat() for f in path.rglob("*") if f.is_file()]
+    return sum(f.st_size for f in files), sum(512 * f.st_blocks for f in files)
 
 
 def identical(a: Path, b: Path) -> bool:
@@ -145,7 +148,7 @@ def main() -> None:
     try:
         model = generate(work / "hf", args.shards)
         shard_bytes = int(args.shard_size * 2**30)
-        phases = {"copy": (work / "hf", "copy"), "copy_through_memory": (work / "hf", "copy2"),
+        phases = {"copy": (work / "hf", "copy"), "copy_synced": (work / "hf", "copy2"),
                   "hf_to_megamix": (work / "hf", "ckpt"),
                   "hf_to_megamix_weights_only": (work / "hf", "weights"), "megamix_to_hf": (work / "ckpt", "back")}
         results = {}
@@ -153,17 +156,18 @@ def main() -> None:
             runs = []
             for _ in range(args.repeats):
                 shutil.rmtree(work / name, ignore_errors=True)
+                os.sync()  # no earlier phase's dirty pages left to flush during this one
                 runs.append(run_phase(phase, src, work / name, shard_bytes))
             best = min(runs, key=lambda r: r["seconds"])
             results[phase] = {"seconds": round(best["seconds"], 3),
                               "seconds_all": [round(r["seconds"], 3) for r in runs],
                               "peak_rss_above_baseline_mb": round(max(r["peak_rss_above_baseline_mb"] for r in runs), 1),
                               "baseline_rss_mb": round(best["baseline_rss_mb"], 1),
-                              "bytes_written": tree_bytes(work / name)}
-        copy, copy2 = results["copy"]["seconds"], results["copy_through_memory"]["seconds"]
+                              **dict(zip(("bytes_written", "bytes_on_disk"), tree_bytes(work / name)))}
+        copy, synced = results["copy"]["seconds"], results["copy_synced"]["seconds"]
         for phase in ("hf_to_megamix", "hf_to_megamix_weights_only", "megamix_to_hf"):
             results[phase]["time_over_copy"] = round(results[phase]["seconds"] / copy, 2)
-            results[phase]["time_over_copy_through_memory"] = round(results[phase]["seconds"] / copy2, 2)
+            results[phase]["time_over_copy_synced"] = round(results[phase]["seconds"] / synced, 2)
         round_trip = results["hf_to_megamix"]["seconds"] + results["megamix_to_hf"]["seconds"]
         weights_round_trip = results["hf_to_megamix_weights_only"]["seconds"] + results["megamix_to_hf"]["seconds"]
         report = {

@@ -2,6 +2,7 @@
 parallel layouts, resharding, continued training, inspection and bad input."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from megamix.checkpoint.inspect import describe_checkpoint
-from megamix.checkpoint.store import read_config, read_meta
+from megamix.checkpoint.store import read_config, read_meta, read_metadata
 from megamix.cli import main
 from megamix.config import load_config
 from megamix.convert import ARCHITECTURE_NAMES
@@ -22,6 +23,7 @@ from megamix.convert.directions import (
     reshard,
     tensor_entries,
 )
+from megamix.convert.splice import row_pieces
 from megamix.convert.verify import compare, load_megamix_model
 from megamix.errors import CheckpointError, ConfigError
 
@@ -300,6 +302,50 @@ def test_reshard_carries_everything_and_resumes_at_the_new_layout(tmp_path, buil
     # its MoE selection bias was learned: Mixtral has no place for it; the hybrid pattern has no HF equivalent
     with pytest.raises(ConfigError, match=r"no Hugging Face equivalent.*MixtralForCausalLM: only pure '\*E'"):
         megamix_to_hf(source, tmp_path / "hf")
+
+
+def train_from_scratch(overrides):
+    from megamix.train import Trainer
+
+    Trainer(load_config(None, overrides)).run()
+
+
+def test_export_of_a_tensor_parallel_training_checkpoint(tmp_path, builtin_cache):
+    """A tp=2 run's checkpoint holds each tensor in pieces (vocabulary rows, q/k/v row blocks, down_proj column
+    blocks, views of larger storages): rows kept whole are copied file to file, the rest read; every exported
+    tensor equals the global tensor DCP reassembles, and the file holds the moments as holes."""
+    from megamix.testing import run_distributed
+
+    overrides = [
+        "model.pattern=*-*-", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2",
+        "model.ffn_hidden_size=96", f"model.vocab_size={BUILTIN_VOCAB}", "parallel.tp=2",
+        f"data.cache_dir={builtin_cache}", "data.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=2",
+        "train.steps=1", "train.device=cpu", f"log.dir={tmp_path / 'run'}", "log.tensorboard=false",
+        "log.progress=never"]
+    run_distributed(train_from_scratch, 2, overrides)
+    source = tmp_path / "run" / "checkpoints" / "step_1"
+    metadata = read_metadata(source)
+    assert row_pieces(source, metadata, "model.embed.weight") is not None  # vocabulary halves: rows
+    assert row_pieces(source, metadata, "model.layers.1.mixer.down_proj.weight") is None  # column halves
+    megamix_to_hf(source, tmp_path / "hf")
+    exported, entries = hf_tensors(tmp_path / "hf"), tensor_entries(source)
+    m = load_config(None, overrides).model
+    for link in ARCHITECTURES["LlamaForCausalLM"].links(m):
+        whole, start = read_tensor(source, f"model.{link.name}", entries[f"model.{link.name}"]), 0
+        for name, shape in link.parts:
+            assert torch.equal(exported[name], whole[start:start + shape[0]]), name
+            start += shape[0]
+
+
+def test_imported_moments_are_holes_that_read_as_zeros(tmp_path):
+    save_tiny("llama", tmp_path / "hf")
+    step = hf_to_megamix(tmp_path / "hf", tmp_path / "ckpt")
+    entries = tensor_entries(step)
+    moments = [key for key in entries if key.startswith("optim.") and key.endswith(("exp_avg", "exp_avg_sq"))]
+    assert moments and all(not read_tensor(step, key, entries[key]).any() for key in moments)
+    data = next(step.glob("*.distcp")).stat()
+    moment_bytes = sum(4 * math.prod(entries[key].size) for key in moments)
+    assert data.st_blocks * 512 < data.st_size - moment_bytes // 2  # the moments take (almost) no disk space
 
 
 def test_learned_selection_bias_cannot_be_exported_to_mixtral(tmp_path):

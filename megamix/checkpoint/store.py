@@ -21,7 +21,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, StorageWriter
 from torch.distributed.checkpoint.metadata import Metadata
 
 from megamix.errors import CheckpointError
@@ -90,12 +90,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], config: dict[str, Any],
-                    meta: dict[str, Any], keep: int = 0) -> Path:
+                    meta: dict[str, Any], keep: int = 0, writer: StorageWriter | None = None) -> Path:
     """Write ``state`` (a flat dict of tensors, GlobalPieces and plain values) as ``<root>/step_<step>``.
 
     All ranks call this with their own shards of ``state``. ``config`` (the resolved
     run config) and ``meta`` are written by rank 0 beside the tensors. ``keep`` > 0
-    removes all but the newest ``keep`` complete checkpoints afterwards.
+    removes all but the newest ``keep`` complete checkpoints afterwards. ``writer``: a DCP
+    storage writer to use instead of the default file system writer.
     """
     root = Path(root)
     final = root / f"step_{step}"
@@ -105,7 +106,8 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], config: 
         partial.mkdir(parents=True)
     _barrier()
     with _single_process_quiet():
-        dcp.save(state, checkpoint_id=partial, planner=PiecesSavePlanner(), no_dist=not dist.is_initialized())
+        dcp.save(state, checkpoint_id=partial, storage_writer=writer, planner=PiecesSavePlanner(),
+                 no_dist=not dist.is_initialized())
     if _is_rank0():
         (partial / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         (partial / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))

@@ -47,6 +47,7 @@ from megamix.convert.architectures import (
 )
 from megamix.convert.hf import SafetensorsReader, read_hf_config, write_hf
 from megamix.convert.links import Link
+from megamix.convert.splice import SplicedTensors, SplicingWriter, row_pieces, without_crc32
 from megamix.errors import CheckpointError, ConfigError
 from megamix.parallel.checkpointing import GlobalPieces
 from megamix.parallel.sharding import sharding_of
@@ -70,25 +71,23 @@ class WriteOrder:
     """Makes the tensors of one save in the order DCP writes them, freeing each when the next is asked for.
 
     torch 2.13's ``FileSystemWriter`` keeps a reference to every tensor of a file until the file is
-    closed (for its safetensors format), which would hold the whole checkpoint in memory. Its serial
-    CPU loader, used whenever no CUDA device is available, asks for a tensor only after writing the
-    one before, so that one's storage can be released then (and given back to the system). With CUDA
-    DCP loads ahead, so nothing is released (memory grows to the checkpoint's size).
+    closed (for its safetensors format), which would hold the whole checkpoint in memory. The serial
+    CPU loader of :class:`SplicingWriter` (it never loads ahead, with or without CUDA) asks for a
+    tensor only after writing the one before, so that one's storage can be released then (and given
+    back to the system).
     """
 
     _trim = staticmethod(_release_free_memory())
 
     def __init__(self):
-        self._release = not torch.cuda.is_available()
         self._last: torch.Tensor | None = None
 
     def __call__(self, produce: Callable[[], torch.Tensor]) -> torch.Tensor:
         if self._last is not None:
             self._last.untyped_storage().resize_(0)
             self._trim()
-        tensor = produce()
-        self._last = tensor if self._release else None
-        return tensor
+        self._last = produce()
+        return self._last
 
 
 class LazyTensor(GlobalPieces):
@@ -143,15 +142,16 @@ def _check_links(arch: Architecture, m: ModelConfig, links: list[Link]) -> None:
         raise CheckpointError(f"internal: the {arch.name} mapping does not match the megamix model: {_names(wrong)}")
 
 
-def fresh_training_state(params: dict[str, tuple[int, ...]], order: WriteOrder) -> dict[str, Any]:
+def fresh_training_state(params: dict[str, tuple[int, ...]], order: WriteOrder,
+                         spliced: SplicedTensors) -> dict[str, Any]:
     """What ``Trainer`` loads besides the weights, as a run that has not taken a step yet saves it.
 
     Resuming loads the Adam moments, step counters, RNG and data position too, so a
     weights-only checkpoint could not be passed to ``train.resume``. The moments (fp32 zeros)
-    are made as DCP writes them.
+    are written as holes by the :class:`SplicingWriter` of ``spliced``.
     """
     state: dict[str, Any] = {
-        f"optim.{name}.{key}": LazyTensor(shape, torch.float32, lambda shape=shape: torch.zeros(shape),
+        f"optim.{name}.{key}": LazyTensor(shape, torch.float32, lambda shape=shape: spliced.zeros(shape),
                                           f"optim.{name}.{key}", order)
         for name, shape in params.items() for key in ("exp_avg", "exp_avg_sq")}
     return state | {"optim.step": torch.tensor(0.0), "rng.cpu": torch.get_rng_state(), "train.step": 0,
@@ -174,15 +174,14 @@ def _target_config(saved: dict[str, Any], overrides: list[str], source: str) -> 
 # -- HF → megamix --------------------------------------------------------------------------------
 
 
-def _assemble(reader: SafetensorsReader, link: Link, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-    """A function making ``link``'s megamix tensor: its HF parts read straight into their row ranges."""
+def _assemble(reader: SafetensorsReader, link: Link, dtype: torch.dtype,
+              spliced: SplicedTensors) -> Callable[[], torch.Tensor]:
+    """A function making the placeholder of ``link``'s megamix tensor: its HF parts' bytes one after the other
+    (rows stacked), or zeros without parts, copied into the checkpoint by the :class:`SplicingWriter`."""
     def produce() -> torch.Tensor:
-        tensor = torch.zeros(link.shape, dtype=dtype) if not link.parts else torch.empty(link.shape, dtype=dtype)
-        start = 0
-        for name, shape in link.parts:
-            reader.get(name, out=tensor[start:start + shape[0]])
-            start += shape[0]
-        return tensor
+        if not link.parts:
+            return spliced.zeros(link.shape, dtype)
+        return spliced.placeholder(link.shape, dtype, [reader.location(name) for name, _ in link.parts])
     return produce
 
 
@@ -204,7 +203,7 @@ def hf_to_megamix(hf_dir: str | Path, out_dir: str | Path, overrides: list[str] 
     links = arch.links(model)
     _check_links(arch, model, links)
     reader = SafetensorsReader(hf_dir)
-    order = WriteOrder()
+    order, spliced = WriteOrder(), SplicedTensors()
     state: dict[str, Any] = {}
     for link in links:
         dtypes = set()
@@ -217,7 +216,7 @@ def hf_to_megamix(hf_dir: str | Path, out_dir: str | Path, overrides: list[str] 
             raise CheckpointError(f"tensors {_names([n for n, _ in link.parts])} (stacked into {link.name}) "
                                   f"have different dtypes {sorted(map(str, dtypes))}")
         dtype = dtypes.pop() if dtypes else torch.float32
-        state[f"model.{link.name}"] = LazyTensor(link.shape, dtype, _assemble(reader, link, dtype),
+        state[f"model.{link.name}"] = LazyTensor(link.shape, dtype, _assemble(reader, link, dtype, spliced),
                                                  f"model.{link.name}", order)
     used = {name for link in links for name, _ in link.parts}
     if model.tie_embeddings:
@@ -227,10 +226,11 @@ def hf_to_megamix(hf_dir: str | Path, out_dir: str | Path, overrides: list[str] 
         raise CheckpointError(f"{hf_dir}: {len(leftover)} tensors do not belong to a {arch.name} with this "
                               f"config.json: {_names(leftover)}")
     if not weights_only:
-        state |= fresh_training_state(model_shapes(model)[0], order)
+        state |= fresh_training_state(model_shapes(model)[0], order, spliced)
     meta = {"world_size": 1, "layout": vars(config.parallel), "tokens": 0, "megamix_version": __version__,
             "converted_from": str(hf_dir.resolve()), "architecture": arch.name}
-    return save_checkpoint(out_dir, 0, state, config.to_dict(), meta)
+    with without_crc32():
+        return save_checkpoint(out_dir, 0, state, config.to_dict(), meta, writer=SplicingWriter(out_dir, spliced))
 
 
 # -- reading megamix checkpoints -----------------------------------------------------------------
@@ -341,15 +341,24 @@ def megamix_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtyp
             owners.append((link, start, start + shape[0]))
             start += shape[0]
     reader = GroupedReader(path, [f"model.{link.name}" for link in links], stored_entries)
+    metadata, spliced, sources = read_metadata(path), SplicedTensors(), {}
 
     def produce(i: int) -> torch.Tensor:
+        """HF tensor ``i``: when its dtype is kept and the checkpoint holds its rows whole, a placeholder for
+        their bytes (copied file to file); otherwise read, cut and cast."""
         link, start, end = owners[i]
-        tensor = reader.get(f"model.{link.name}")
+        key = f"model.{link.name}"
+        if plan[i][2] == stored[link.name].properties.dtype:
+            if key not in sources:
+                sources[key] = row_pieces(path, metadata, key)
+            if sources[key] is not None:
+                return spliced.placeholder(plan[i][1], plan[i][2], sources[key](start, end))
+        tensor = reader.get(key)
         return (tensor if len(link.parts) == 1 else tensor[start:end]).to(plan[i][2])
 
     out_dir = Path(out_dir)
     config_json = hf_config(arch, m, dtype or stored["embed.weight"].properties.dtype, config.data.seq_len)
-    write_hf(out_dir, plan, produce, config_json, max_shard_bytes)
+    write_hf(out_dir, plan, produce, config_json, max_shard_bytes, spliced)
     return out_dir
 
 
@@ -366,7 +375,7 @@ def reshard(checkpoint: str | Path, out_dir: str | Path, overrides: list[str], m
     entries = read_metadata(path).state_dict_metadata
     keep = [key for key in entries if key.startswith("model.") or not model_only]
     tensors = {key: entries[key] for key in keep if isinstance(entries[key], TensorStorageMetadata)}
-    reader, order = GroupedReader(path, list(tensors), tensors), WriteOrder()
+    reader, order, spliced = GroupedReader(path, list(tensors), tensors), WriteOrder(), SplicedTensors()
     # DCP asks for each key once, so the write order may free what the reader returned
     state: dict[str, Any] = {key: LazyTensor(tuple(e.size), e.properties.dtype, lambda key=key: reader.get(key),
                                              key, order) for key, e in tensors.items()}
@@ -377,7 +386,8 @@ def reshard(checkpoint: str | Path, out_dir: str | Path, overrides: list[str], m
     meta = read_meta(path)
     step = meta.pop("step")
     if model_only:
-        state |= fresh_training_state(model_shapes(config.model)[0], order)
+        state |= fresh_training_state(model_shapes(config.model)[0], order, spliced)
         step, meta["tokens"] = 0, 0
     meta |= {"layout": vars(config.parallel), "resharded_from": str(path.resolve())}
-    return save_checkpoint(out_dir, step, state, config.to_dict(), meta)
+    with without_crc32():
+        return save_checkpoint(out_dir, step, state, config.to_dict(), meta, writer=SplicingWriter(out_dir, spliced))

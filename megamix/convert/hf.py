@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from megamix.convert.splice import SplicedTensors, SplicingStream
 from megamix.errors import CheckpointError
 
 CONFIG = "config.json"
@@ -106,6 +107,11 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.directory} has no tensor {name}")
         return self._entries[name]
 
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """Where tensor ``name``'s bytes are: (file, offset, length)."""
+        path, _, _, offset, size = self._entry(name)
+        return path, offset, size
+
     def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor from disk into fresh memory, or into ``out`` (contiguous, of its shape and dtype:
         e.g. a row range of the tensor it is stacked into)."""
@@ -144,8 +150,9 @@ def shard_plan(tensors: list[tuple[str, tuple[int, ...], torch.dtype]], max_byte
 
 
 def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
-                       produce: Iterator[torch.Tensor]) -> None:
-    """Write the header for ``tensors``, then each tensor as ``produce`` yields it (in the same order)."""
+                       produce: Iterator[torch.Tensor], spliced: SplicedTensors) -> None:
+    """Write the header for ``tensors``, then each tensor as ``produce`` yields it (in the same order); the
+    placeholders of ``spliced`` among them as the file ranges they stand for."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers checks the format
     offset = 0
     for name, shape, dtype in tensors:
@@ -154,7 +161,8 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], tor
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with open(path, "wb") as raw:
+        f = SplicingStream(raw, spliced)
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
         for (name, shape, dtype), tensor in zip(tensors, produce, strict=True):
@@ -163,19 +171,24 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], tor
                                       f"{list(shape)} {dtype}")
             if tensor.numel():
                 f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+        f.close()
 
 
 def write_hf(directory: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
-             produce: Callable[[int], torch.Tensor], config: dict[str, Any], max_shard_bytes: int) -> list[Path]:
+             produce: Callable[[int], torch.Tensor], config: dict[str, Any], max_shard_bytes: int,
+             spliced: SplicedTensors | None = None) -> list[Path]:
     """Write ``config.json`` and the ``tensors`` (name, shape, dtype), tensor ``i`` made by ``produce(i)`` when
-    its turn comes: one ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` shards of at most
-    ``max_shard_bytes`` with ``model.safetensors.index.json``. Returns the files written."""
+    its turn comes (a placeholder of ``spliced`` is written as its file ranges): one ``model.safetensors``,
+    or ``model-0000k-of-0000n.safetensors`` shards of at most ``max_shard_bytes`` with
+    ``model.safetensors.index.json``. Returns the files written."""
+    spliced = spliced or SplicedTensors()
     directory.mkdir(parents=True, exist_ok=True)
     shards = shard_plan(tensors, max_shard_bytes)
     names = ([WEIGHTS] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     for file, shard in zip(names, shards):
-        _write_safetensors(directory / file, [tensors[i] for i in shard], (produce(i) for i in shard))
+        _write_safetensors(directory / file, [tensors[i] for i in shard], (produce(i) for i in shard), spliced)
+    spliced.check_written()
     if len(shards) > 1:
         total = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in tensors)
         index = {"metadata": {"total_size": total},
