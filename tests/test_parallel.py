@@ -113,6 +113,8 @@ def train_run(cache, log_dir, overrides):
         loss, norm = trainer.train_step()
         losses.append(loss)
         norms.append(norm)
+        if trainer.pipeline is not None:  # the schedule's idle fraction (pp_bubble), the optimizer step excluded
+            assert 0.0 < trainer.pipeline.busy < trainer.pipeline.elapsed and 0.0 < trainer.pipeline.bubble() < 1.0
     return losses, norms
 
 

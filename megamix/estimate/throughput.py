@@ -18,7 +18,7 @@ Per micro-batch on pipeline rank r (the slowest sets the pace):
     step      = micro_batches · (slowest rank's micro-batch) / (1 − bubble)
                 + dp gradient reduce-scatter and parameter all-gather (fp32, 2(n − 1)/n · bytes; the same
                   for an all-reduce without ZeRO) + the AdamW step (28 B per updated element / memory bw)
-    bubble    = (pp − 1) / (m + pp − 1) / vpp
+    bubble    = (pp − 1) / (vpp · m + pp − 1)   (the idle fraction of the schedule)
 
 Every collective also pays ``latency_us``. A group inside one node uses NVLink bandwidth, one that
 spans nodes the per-GPU network bandwidth (rank order: tp, cp, dp, pp).
@@ -130,7 +130,7 @@ def step_time(config: Config, layout: Layout, cluster: Cluster, device: Device,
     per_rank = [micro_batch_seconds(config, layout, stages, comm, device, forward_flops) for stages in ranks]
     slowest = max(per_rank, key=sum)
     m = layout.micro_batches
-    bubble = (layout.pp - 1) / (m + layout.pp - 1) / layout.vpp
+    bubble = (layout.pp - 1) / (layout.vpp * m + layout.pp - 1)
     pipeline = m * sum(slowest) / (1 - bubble)
 
     params = rank_parameters(config.model, layout.tp, layout.ep)

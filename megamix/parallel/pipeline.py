@@ -114,9 +114,12 @@ class PipelineSchedule:
     """Runs one optimizer step's micro-batches through this rank's stage modules.
 
     ``loss_fn(logits, targets)`` is the mean per-token loss of one micro-batch; the
-    returned loss is the mean over micro-batches, on every pipeline rank. Busy time
-    (the local stages' forward and backward of each micro-batch, their sends and
-    receives excluded) is summed per step, so ``bubble`` = 1 − busy / step time.
+    returned loss is the mean over micro-batches, on every pipeline rank. Each :meth:`step`
+    times the schedule (``elapsed``: from the first micro-batch's forward to the last one's
+    backward, the optimizer step excluded) and sums the local stages' forward and backward time
+    per micro-batch and the loss (``busy``, their sends and receives excluded), so :meth:`bubble`
+    = 1 − busy / elapsed, the idle fraction that theory puts at (p − 1) / (v·m + p − 1) for p
+    pipeline ranks, v stages per rank and m micro-batches.
     """
 
     def __init__(self, modules: list[nn.Module], specs: list[StageSpec], parallel: ParallelState,
@@ -134,13 +137,14 @@ class PipelineSchedule:
         self.parallel = parallel
         self.is_last = specs[-1].is_last
         self.is_first = specs[0].is_first
-        self.busy = 0.0
+        self.busy = self.elapsed = 0.0
         stages = [PipelineStage(module, spec.index, spec.num_stages, device, group=parallel.pp.group)
                   for module, spec in zip(modules, specs)]
         self.sequences: list = []
         for stage in stages:
             stage.forward_one_chunk = self._timed(self._with_sequence(stage.forward_one_chunk))
             stage.backward_one_chunk = self._timed(stage.backward_one_chunk)
+        loss_fn = self._timed(loss_fn)  # the schedule computes the loss outside the last stage's forward
         if len(stages) == 1:
             self.schedule = Schedule1F1B(stages[0], micro_batches, loss_fn=loss_fn)
         else:
@@ -164,9 +168,9 @@ class PipelineSchedule:
                            *rest, **options)
         return forward_with_sequence
 
-    def bubble(self, step_time: float) -> float:
-        """Idle fraction of the step, 1 − busy / step time, averaged over the pipeline ranks."""
-        idle = torch.tensor(1.0 - self.busy / step_time, dtype=torch.float64)
+    def bubble(self) -> float:
+        """Idle fraction of the last step's schedule, 1 − busy / elapsed, averaged over the pipeline ranks."""
+        idle = torch.tensor(1.0 - self.busy / self.elapsed, dtype=torch.float64)
         return all_reduce(idle, self.parallel.pp).item() / self.parallel.pp.size
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor, sequences: list) -> float:
@@ -175,11 +179,13 @@ class PipelineSchedule:
         :class:`~megamix.parallel.context_parallel.SequenceLayout` (by every stage)."""
         losses: list[torch.Tensor] = []
         self.sequences = sequences
+        self.busy, start = 0.0, time.perf_counter()
         if self.is_first:
             self.schedule.step(inputs, target=targets if self.is_last else None, losses=losses)
         elif self.is_last:
             self.schedule.step(target=targets, losses=losses)
         else:
             self.schedule.step()
+        self.elapsed = time.perf_counter() - start
         local = torch.stack(losses).mean() if losses else torch.zeros(())
         return all_reduce(local.detach().float(), self.parallel.pp).item()  # only the last stage contributes

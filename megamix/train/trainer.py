@@ -338,11 +338,9 @@ class Trainer:
         try:
             while self.step < c.train.steps:
                 start = time.perf_counter()
-                if self.pipeline is not None:
-                    self.pipeline.busy = 0.0
                 loss, grad_norm = self.train_step()
                 elapsed = time.perf_counter() - start
-                bubble = self.pipeline.bubble(elapsed) if self.pipeline is not None else None
+                bubble = self.pipeline.bubble() if self.pipeline is not None else None
                 losses.append(loss)
                 if logger is not None:
                     logger.advance()
