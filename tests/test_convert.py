@@ -23,7 +23,7 @@ from megamix.convert.directions import (
     reshard,
     tensor_entries,
 )
-from megamix.convert.splice import row_pieces
+from megamix.convert.splice import SplicedTensors, SplicingStream, row_pieces
 from megamix.convert.verify import compare, load_megamix_model
 from megamix.errors import CheckpointError, ConfigError
 
@@ -346,6 +346,32 @@ def test_imported_moments_are_holes_that_read_as_zeros(tmp_path):
     data = next(step.glob("*.distcp")).stat()
     moment_bytes = sum(4 * math.prod(entries[key].size) for key in moments)
     assert data.st_blocks * 512 < data.st_size - moment_bytes // 2  # the moments take (almost) no disk space
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "fallback"])
+def test_splicing_stream_writes_file_ranges_and_holes(tmp_path, monkeypatch, kernel_copy):
+    import errno
+    import os
+
+    if not kernel_copy:  # as across file systems that refuse copy_file_range
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    source = tmp_path / "source"
+    source.write_bytes(bytes(range(256)) * 4)
+    spliced = SplicedTensors()
+    tensor = spliced.placeholder((3, 4), torch.uint8, [(source, 10, 5), (None, 0, 4), (source, 300, 3)])
+    zeros = spliced.zeros((8,), torch.uint8)
+    with open(tmp_path / "out", "wb") as raw:
+        stream = SplicingStream(raw, spliced)
+        stream.write(b"head")
+        stream.write(tensor.numpy().data)
+        stream.write(torch.arange(3, dtype=torch.uint8).numpy().data)  # not a placeholder: written as is
+        stream.write(zeros.numpy().data)  # a trailing hole still counts in the file's size
+        stream.close()
+    spliced.check_written()
+    expected = b"head" + bytes(range(10, 15)) + bytes(4) + bytes(range(44, 47)) + bytes([0, 1, 2]) + bytes(8)
+    assert (tmp_path / "out").read_bytes() == expected
 
 
 def test_learned_selection_bias_cannot_be_exported_to_mixtral(tmp_path):

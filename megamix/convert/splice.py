@@ -115,7 +115,9 @@ class SplicingStream:
                     self._sources[path] = os.open(path, os.O_RDONLY)
                 _copy_range(self._sources[path], target, offset, position, length)
             position += length
-        self._file.seek(position)  # past a trailing hole: the next write extends the file
+        if os.fstat(target).st_size < position:  # the pieces end in a hole: the file must still reach past it
+            os.ftruncate(target, position)
+        self._file.seek(position)
         return buffer.nbytes
 
     def tell(self) -> int:
