@@ -44,12 +44,13 @@ class NormFunction(torch.autograd.Function):
         compute = rstd.dtype
         u_hat = gated_input(x, z, group_size, compute) * rstd
         grad = grad.to(compute).unflatten(-1, (-1, group_size))
-        grad_u_hat = grad if weight is None else grad * weight.to(compute).view(-1, group_size)
-        mean_dot = torch.linalg.vecdot(grad_u_hat, u_hat).unsqueeze(-1) / group_size
-        grad_u = ((grad_u_hat - u_hat * mean_dot) * rstd).flatten(-2)
         grad_weight = None
         if ctx.needs_input_grad[2]:
             grad_weight = (grad * u_hat).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
+        grad_u_hat = grad if weight is None else grad * weight.to(compute).view(-1, group_size)
+        mean_dot = torch.linalg.vecdot(grad_u_hat, u_hat).unsqueeze(-1) / group_size
+        # written over û's buffer (ĝ may be the caller's gradient): fewer passes and allocations
+        grad_u = torch.sub(grad_u_hat, u_hat.mul_(mean_dot), out=u_hat).mul_(rstd).flatten(-2)
         if z is None:
             return grad_u.to(x.dtype), None, grad_weight, None, None
         z_compute = z.to(compute)

@@ -12,7 +12,8 @@ class SiluGateFunction(torch.autograd.Function):
     """``[gate | up] [..., 2·ffn] → silu(gate) ⊙ up [..., ffn]``.
 
     Backward writes d_gate and d_up straight into the two halves of one gradient
-    buffer, where autograd through ``chunk`` would concatenate them in a further pass.
+    buffer, where autograd through ``chunk`` would concatenate them in a further pass,
+    and computes d_gate = silu'(gate) · (grad ⊙ up) in place there.
     """
 
     @staticmethod
@@ -28,7 +29,8 @@ class SiluGateFunction(torch.autograd.Function):
         grad_gate_up = grad.new_empty(*grad.shape[:-1], 2 * grad.shape[-1])
         grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
         torch.mul(grad, silu_gate, out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        torch.mul(grad, up, out=grad_gate)
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
         return grad_gate_up
 
 
