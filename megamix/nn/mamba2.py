@@ -20,10 +20,10 @@ from megamix.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     TensorParallel,
+    mark_split_rows,
 )
 from megamix.parallel.context_parallel import SequenceLayout, preceding_tokens
 from megamix.parallel.lasp import context_linear_attention
-from megamix.parallel.sharding import set_sharding, split_parts
 
 # The kernels' default chunk, for the FLOP count only.
 CHUNK_SIZE = 64
@@ -112,15 +112,15 @@ class Mamba2Mixer(nn.Module):
         self.local_parts = self.in_proj.local_parts  # z, x, B, C, Δ widths on this rank
         self.local_heads, self.local_groups = num_heads // tp.size, num_groups // tp.size
         self.conv1d = CausalConv1d(sum(self.local_parts[1:4]), conv_kernel)
-        set_sharding(self.conv1d.weight, split_parts(conv_parts, [tp.size] * 3, tp.rank, tp.size, (1, conv_kernel)))
-        set_sharding(self.conv1d.bias, split_parts(conv_parts, [tp.size] * 3, tp.rank, tp.size, ()))
+        mark_split_rows(self.conv1d.weight, conv_parts, tp)
+        mark_split_rows(self.conv1d.bias, conv_parts, tp)
         self.dt_bias = nn.Parameter(torch.empty(self.local_heads))
         self.A_log = nn.Parameter(torch.empty(self.local_heads))
         self.D = nn.Parameter(torch.empty(self.local_heads))
         for param in (self.dt_bias, self.A_log, self.D):
-            set_sharding(param, split_parts([num_heads], [tp.size], tp.rank, tp.size, ()))
+            mark_split_rows(param, [num_heads], tp)
         self.norm = GatedRMSNorm(d_inner // tp.size, d_inner // num_groups, eps)
-        set_sharding(self.norm.weight, split_parts([d_inner], [tp.size], tp.rank, tp.size, ()))
+        mark_split_rows(self.norm.weight, [d_inner], tp)
         self.out_proj = RowParallelLinear(d_inner, hidden_size, tp)
 
     def _ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):

@@ -22,7 +22,6 @@ from torch import nn
 from megamix.errors import ConfigError
 from megamix.nn.context import ForwardContext
 from megamix.nn.mlp import GatedMLP, mlp_activation
-from megamix.parallel import comm
 from megamix.parallel.experts import ExpertDispatch
 from megamix.parallel.sharding import mark_expert_parallel
 from megamix.parallel.state import NO_TENSOR_PARALLEL, SINGLE, Group, TensorParallel
@@ -253,9 +252,8 @@ class MoE(nn.Module):
         local_load = indices.new_zeros(batch, self.num_experts).scatter_add_(  # [batch, E] per sequence
             1, indices.flatten(1), torch.ones_like(indices).flatten(1))
         # under context parallelism each sequence is spread over the cp ranks: balance the whole sequences
-        cp = ctx.sequence.group
-        load = comm.all_reduce(local_load.clone(), cp)
-        seq_tokens = seq * cp.size
+        load = ctx.sequence.sum_over_ranks(local_load)
+        seq_tokens = seq * ctx.sequence.group.size
         probs = scores if self.score == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
         prob_sum = probs.sum(dim=1)  # [batch, E]
         if self.aux_loss_type == "batch":
@@ -263,9 +261,8 @@ class MoE(nn.Module):
         else:
             group_tokens = seq_tokens
         # the losses of this rank's tokens (a sequence shard under SP and CP), valued over all of them
-        shards = (self.tp.group, cp) if self.tp.sequence_parallel else (cp,)
-        aux_loss = comm.total_of_shares(switch_aux_loss(prob_sum, load, group_tokens, self.top_k), *shards)
-        z_loss = comm.total_of_shares(router_z_loss(logits, batch * seq_tokens), *shards)
+        aux_loss = ctx.sequence.total_of_shares(switch_aux_loss(prob_sum, load, group_tokens, self.top_k), self.tp)
+        z_loss = ctx.sequence.total_of_shares(router_z_loss(logits, batch * seq_tokens), self.tp)
         y = ctx.aux.attach(y, "moe_aux_loss", aux_loss, self.aux_loss_coeff)
         y = ctx.aux.attach(y, "moe_z_loss", z_loss, self.z_loss_coeff)
 

@@ -19,13 +19,10 @@ from megamix.nn.attention import Attention, KVCache, attention, causal_attention
 from megamix.nn.context import ForwardContext
 from megamix.parallel import (
     NO_TENSOR_PARALLEL,
-    SINGLE,
-    Group,
     TensorParallel,
-    set_sharding,
+    mark_replicated_partial_grads,
 )
-from megamix.parallel.comm import all_reduce, total_of_shares
-from megamix.parallel.sharding import whole
+from megamix.parallel.context_parallel import SequenceLayout
 from megamix.parallel.tensor_parallel import tp_input
 
 # The routed heads' attention is computed only for the query rows their tokens selected
@@ -108,11 +105,11 @@ class MoHAttention(Attention):
         self.local_groups = groups // tp.size
         self.shared_per_group = shared_heads // groups
         self.router = nn.Linear(hidden_size, num_heads + 2, bias=False)
-        set_sharding(self.router.weight, whole(self.router.weight.shape, replicas=tp.size, partial_grads=True))
+        mark_replicated_partial_grads(self.router.weight, tp)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = tp_input(x, self.tp)  # shared by the router and the qkv projection
-        gates, balance_loss = self.route(x, ctx.sequence.group)
+        gates, balance_loss = self.route(x, ctx.sequence)
         ctx.aux.record("moh_active_heads", torch.tensor((self.shared_heads + self.top_k) / self.num_heads))
         heads = self.attend(*self.project_in(x, ctx), gates, ctx)
         # gates first: the product then takes their token-major layout, which flattens without a copy
@@ -127,11 +124,12 @@ class MoHAttention(Attention):
         heads, state = self.attend_cached(x, ctx, state, valid)
         return self.project_out(gates[..., None].to(heads.dtype) * heads), state
 
-    def route(self, x: torch.Tensor, cp: Group = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, sequence: SequenceLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [batch, seq, hidden]`` → this rank's gates g ``[batch, seq, local heads]`` (fp32, in head
         order) and the load-balance loss L (see the class docstring for both). Under context parallelism
-        (``cp``) L is over the whole sequences: its value sums the cp ranks' shares, its gradient is this
-        rank's share."""
+        (``sequence``; None: each row is a whole sample) L is over the whole sequences: its value sums the
+        cp ranks' shares, its gradient is this rank's share."""
+        sequence = sequence or SequenceLayout(x.shape[1])
         with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
             logits = F.linear(x.float(), self.router.weight.float())
         shared_logits, routed_logits, balance_logits = logits.split([self.shared_heads, self.routed_heads, 2], dim=-1)
@@ -141,10 +139,10 @@ class MoHAttention(Attention):
         kept = p * chosen
         shared = alpha_shared * shared_logits.softmax(dim=-1)
         routed = alpha_routed * kept / kept.sum(dim=-1, keepdim=True)
-        tokens = x.shape[0] * x.shape[1] * cp.size
-        fraction = all_reduce(chosen.sum(dim=(0, 1)), cp) / (tokens * self.top_k)
+        tokens = x.shape[0] * x.shape[1] * sequence.group.size
+        fraction = sequence.sum_over_ranks(chosen.sum(dim=(0, 1))) / (tokens * self.top_k)
         share = self.routed_heads * (fraction * p.sum(dim=(0, 1)) / tokens).sum()
-        balance_loss = total_of_shares(share, cp)
+        balance_loss = sequence.total_of_shares(share)
         return self.in_head_order(self.local_share(shared), self.local_share(routed)), balance_loss
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,

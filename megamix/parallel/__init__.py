@@ -21,13 +21,16 @@ from megamix.parallel.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     column_parallel_linear,
+    mark_replicated_partial_grads,
     mark_sequence_parallel,
+    mark_split_rows,
     vocab_parallel_cross_entropy,
 )
 
 __all__ = [
     "NO_TENSOR_PARALLEL", "SINGLE", "ColumnParallelLinear", "CommRecorder", "DistributedOptimizer", "Group",
     "ParallelState", "Piece", "RowParallelLinear", "Sharding", "TensorParallel", "VocabParallelEmbedding",
-    "check_layout", "init_distributed", "mark_sequence_parallel", "column_parallel_linear", "record_communication",
-    "set_sharding", "sharding_of", "vocab_parallel_cross_entropy",
+    "check_layout", "column_parallel_linear", "init_distributed", "mark_replicated_partial_grads",
+    "mark_sequence_parallel", "mark_split_rows", "record_communication", "set_sharding", "sharding_of",
+    "vocab_parallel_cross_entropy",
 ]

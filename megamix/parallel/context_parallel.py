@@ -20,8 +20,8 @@ from functools import cached_property
 import torch
 
 from megamix.errors import ConfigError
-from megamix.parallel.comm import gather_parts
-from megamix.parallel.state import SINGLE, Group
+from megamix.parallel.comm import all_reduce, gather_parts, total_of_shares
+from megamix.parallel.state import NO_TENSOR_PARALLEL, SINGLE, Group, TensorParallel
 
 
 def document_index(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -134,6 +134,18 @@ class SequenceLayout:
             starts[:, 1:] = self.documents[:, 1:] != self.documents[:, :-1]
         starts[:, 0] = True
         return self.shard(starts)
+
+    def sum_over_ranks(self, stat: torch.Tensor) -> torch.Tensor:
+        """A statistic of this rank's tokens ``[...]`` summed over the cp ranks: the same statistic
+        ``[...]`` of the whole samples (a new tensor; ``stat`` is left as it is)."""
+        return all_reduce(stat.clone(), self.group)
+
+    def total_of_shares(self, share: torch.Tensor, tp: TensorParallel = NO_TENSOR_PARALLEL) -> torch.Tensor:
+        """A loss summed over the tokens of the samples, from this rank's ``share`` of them (a scalar): its
+        value sums the shares of the cp ranks and, under sequence parallel, of the ``tp`` ranks (which hold
+        further sequence shards); its gradient stays this rank's share
+        (:func:`~megamix.parallel.comm.total_of_shares`)."""
+        return total_of_shares(share, *((tp.group, self.group) if tp.sequence_parallel else (self.group,)))
 
     def same_document(self, shift: int) -> torch.Tensor | None:
         """Whether sample position p − ``shift`` lies in the document of p, for each local token

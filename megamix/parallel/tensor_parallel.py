@@ -24,6 +24,19 @@ def _require_divisible(what: str, size: int, shards: int) -> None:
         raise ConfigError(f"{what} ({size}) must be divisible by its {shards} tensor-parallel shards")
 
 
+def mark_split_rows(param: torch.Tensor, parts: list[int], tp: TensorParallel) -> None:
+    """Mark ``param [Σ parts / tp, ...]`` as this rank's rows of the full ``[Σ parts, ...]``, whose dim 0
+    stacks ``parts``, each split evenly over the TP ranks: rank r holds rows [r·p/tp, (r+1)·p/tp) of
+    a part of p rows (per-head or per-channel parameters beside a :class:`ColumnParallelLinear`)."""
+    set_sharding(param, split_parts(parts, [tp.size] * len(parts), tp.rank, tp.size, tuple(param.shape[1:])))
+
+
+def mark_replicated_partial_grads(param: torch.Tensor, tp: TensorParallel) -> None:
+    """Mark ``param`` as whole on every TP rank, with a gradient that is partial on each rank (from its
+    heads, or its sequence shard under SP): the optimizer sums it over the TP group."""
+    set_sharding(param, whole(param.shape, replicas=tp.size, partial_grads=True))
+
+
 def tp_input(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     """The full-sequence, replicated input of a column-parallel layer: all-gathered under SP."""
     return comm.gather_sequence(x, tp.group) if tp.sequence_parallel else comm.copy_to_tp(x, tp.group)
@@ -98,7 +111,7 @@ class VocabParallelEmbedding(nn.Module):
         self.tp = tp
         self.vocab_start = tp.rank * vocab_size // tp.size
         self.weight = nn.Parameter(torch.empty(vocab_size // tp.size, hidden_size))
-        set_sharding(self.weight, split_parts([vocab_size], [tp.size], tp.rank, tp.size, (hidden_size,)))
+        mark_split_rows(self.weight, [vocab_size], tp)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -174,5 +187,5 @@ def mark_sequence_parallel(module: nn.Module, tp: TensorParallel) -> None:
         return
     for param in module.parameters():
         if not hasattr(param, "sharding"):
-            set_sharding(param, whole(param.shape, replicas=tp.size, partial_grads=True))
+            mark_replicated_partial_grads(param, tp)
 
