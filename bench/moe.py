@@ -4,15 +4,19 @@ Forward + backward time, fp32, in one process. Prints one JSON object with two p
 
 1. ``moe``: our ``MoE`` (pattern ``E``; hidden 512, 8 SwiGLU experts of ffn 1024, top-2, dropless, the
    model config's default routing: softmax scores renormalised over the top 2, Switch aux loss 0.01 and
-   z-loss 0.001 attached) on ``[1, 2048, 512]``, against
+   z-loss 0.001 attached) on ``[1, T, 512]`` for T in ``--tokens`` (2048 and 8192: one sequence, and a
+   micro-batch of 4 × 2048), against
    - ``transformers``: ``transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock`` of the same shape
      (``MixtralConfig(hidden_size=512, intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2)``),
      with the experts implementation that ``MixtralForCausalLM`` picks by default (``grouped_mm`` in 5.x:
      tokens sorted by expert, ``F.grouped_mm``) and, for reference, the per-expert loop (``eager``). Our
      weights are copied into it, so both route every token to the same experts (the JSON gives the largest
      output difference);
-   - ``floor``: the compute floor, one dense SwiGLU ``GatedMLP(512, 1024)`` over top_k × 2048 = 4096 rows:
-     the matmul FLOPs of the routed experts without routing, sorting, gathering or combining.
+   - ``floor``: the compute floor, one dense SwiGLU ``GatedMLP(512, 1024)`` over top_k × T rows: the matmul
+     FLOPs of the routed experts without routing, sorting, gathering or combining. The floor holds one
+     expert's weights, the layer eight: per step the layer also stacks and writes back 8× the weights and
+     weight gradients (48 MB against 6 MB here), a cost that does not shrink with T, so the ratio to the
+     floor falls as T grows.
    ``megamix_over_floor`` and ``megamix_over_transformers`` are time ratios (< 1: megamix faster); the
    target is megamix within 10% of the floor. At this shape the experts' matmuls are 99.9% of the
    layer's matmul FLOPs (2·2·3·512·1024 per token against the router's 2·512·8), and they are ≈ 85%
@@ -36,7 +40,7 @@ quiet runs, the median beside it as a noise indicator; ratios are of the best ti
 beside them). ``--profile`` adds a ``torch.profiler`` breakdown of our MoE layer, of transformers' block and
 of the floor (self CPU time per step by op and by category, profiler overhead included).
 
-    python bench/moe.py [--repeats 10] [--warmup 2] [--tokens 2048] [--lengths 1024,2048] [--profile] [--quick]
+    python bench/moe.py [--repeats 10] [--warmup 2] [--tokens 2048,8192] [--lengths 1024,2048] [--profile] [--quick]
 """
 
 from __future__ import annotations
@@ -291,7 +295,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per system first")
     parser.add_argument("--max-rounds", type=int, default=0,
                         help="timed rounds at most while waiting for quiet runs (0: 3 × repeats)")
-    parser.add_argument("--tokens", type=int, default=2048, help="MoE input [1, tokens, 512]")
+    parser.add_argument("--tokens", default="2048,8192", help="MoE inputs [1, tokens, 512], comma-separated")
     parser.add_argument("--lengths", default="1024,2048", help="MoH vs attention sequence lengths")
     parser.add_argument("--no-transformers-eager", action="store_true",
                         help="skip transformers' per-expert loop (eager) Mixtral experts")
@@ -301,7 +305,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 512 MoE tokens, T = 512, 2 timed runs")
     args = parser.parse_args()
     if args.quick:
-        args.tokens, args.lengths, args.repeats, args.warmup, args.profile_steps = 512, "512", 2, 1, 1
+        args.tokens, args.lengths, args.repeats, args.warmup, args.profile_steps = "512", "512", 2, 1, 1
     args.max_rounds = args.max_rounds or 3 * args.repeats
     parts = set(args.parts.split(","))
     start = time.perf_counter()
@@ -324,13 +328,13 @@ def main() -> None:
                      "max_rounds": args.max_rounds,
                      "backward": "out.backward(fixed random gradient) into the input and all weights (grads reset)"},
     }
-    if "moe" in parts:
-        systems, info = moe_systems(args.tokens, not args.no_transformers_eager)
+    for tokens in (int(t) for t in args.tokens.split(",")) if "moe" in parts else ():
+        systems, info = moe_systems(tokens, not args.no_transformers_eager)
         times = time_alternating(systems, args.warmup, args.repeats, args.max_rounds)
         best = {name: t["best_ms"] for name, t in times.items()}
-        result["moe"] = {
-            "shape": {"tokens": args.tokens, "hidden": HIDDEN, "expert_ffn": MOE_FFN, "experts": NUM_EXPERTS,
-                      "top_k": TOP_K, "floor_rows": TOP_K * args.tokens, "dropless": True},
+        result.setdefault("moe", {})[str(tokens)] = moe = {
+            "shape": {"tokens": tokens, "hidden": HIDDEN, "expert_ffn": MOE_FFN, "experts": NUM_EXPERTS,
+                      "top_k": TOP_K, "floor_rows": TOP_K * tokens, "dropless": True},
             **info, "times": times,
             "megamix_over_floor": round(best["megamix"] / best["floor"], 3),
             "megamix_over_transformers": round(best["megamix"] / best["transformers"], 3),
@@ -342,7 +346,7 @@ def main() -> None:
             "target_met": best["megamix"] <= FLOOR_TARGET * best["floor"],
         }
         if args.profile:
-            result["moe"]["profile"] = profile(systems, ["megamix", "transformers", "floor"], args.profile_steps)
+            moe["profile"] = profile(systems, ["megamix", "transformers", "floor"], args.profile_steps)
         del systems
     if "moh" in parts:
         moh: dict = {"shape": {"hidden": HIDDEN, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
