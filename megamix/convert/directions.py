@@ -160,9 +160,13 @@ def fresh_training_state(params: dict[str, tuple[int, ...]], order: WriteOrder,
 
 def _target_config(saved: dict[str, Any], overrides: list[str], source: str) -> Config:
     """The saved config with ``overrides`` (the target layout); the model may change only its ``|`` marks."""
+    try:
+        saved_model = config_from_dict(saved).model
+    except ConfigError as e:
+        raise ConfigError(f"{source}: megamix cannot build the model it describes: {e}") from None
     config = config_from_dict(saved, overrides)
     before, after = (dataclasses.replace(m, pattern=m.pattern.replace("|", ""))
-                     for m in (config_from_dict(saved).model, config.model))
+                     for m in (saved_model, config.model))
     if before != after:
         changed = [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)
                    if getattr(before, f.name) != getattr(after, f.name)]
