@@ -284,18 +284,21 @@ def _nemotron_h_pattern(hf: dict[str, Any], source: str) -> str:
     return pattern
 
 
+# Nemotron-H's MoE fields in config.json ↔ model.moe's
+_NEMOTRON_H_MOE_FIELDS = {"n_routed_experts": "num_experts", "num_experts_per_tok": "top_k",
+                          "moe_intermediate_size": "ffn_hidden_size", "norm_topk_prob": "normalize_top_k",
+                          "routed_scaling_factor": "routed_scaling_factor", "n_group": "num_groups",
+                          "topk_group": "top_k_groups", "moe_shared_expert_intermediate_size": "shared_ffn_hidden_size"}
+
+
 def _nemotron_h_moe(hf: dict[str, Any]) -> MoEConfig:
     """Nemotron-H's MoE: sigmoid scores, group-limited top-k with a selection bias, scaled combine weights, one
     shared MLP; all squared-ReLU. Training coefficients (not in config.json) are DeepSeek-V3's: bias update
     rate 1e-3 and a sequence-wise balance loss of 1e-4."""
-    value = {key: _get(hf, key, default) for key, default in _NEMOTRON_H_DEFAULTS.items()}
-    return MoEConfig(num_experts=value["n_routed_experts"], top_k=value["num_experts_per_tok"],
-                     ffn_hidden_size=value["moe_intermediate_size"], score="sigmoid",
-                     normalize_top_k=bool(value["norm_topk_prob"]),
-                     routed_scaling_factor=float(value["routed_scaling_factor"]), num_groups=value["n_group"],
-                     top_k_groups=value["topk_group"], shared_experts=1,
-                     shared_ffn_hidden_size=value["moe_shared_expert_intermediate_size"], aux_loss_coeff=1e-4,
-                     aux_loss_type="sequence", z_loss_coeff=0.0, bias_update_rate=1e-3)
+    fields = {ours: _get(hf, theirs, _NEMOTRON_H_DEFAULTS[theirs]) for theirs, ours in _NEMOTRON_H_MOE_FIELDS.items()}
+    fields["routed_scaling_factor"] = float(fields["routed_scaling_factor"])
+    return MoEConfig(**fields, score="sigmoid", shared_experts=1, aux_loss_coeff=1e-4, aux_loss_type="sequence",
+                     z_loss_coeff=0.0, bias_update_rate=1e-3)
 
 
 def _nemotron_h_config(hf: dict[str, Any], source: str) -> ModelConfig:
@@ -336,10 +339,8 @@ def _nemotron_h_hf_config(m: ModelConfig) -> dict[str, Any]:
 
 
 def _nemotron_h_moe_fields(moe: MoEConfig) -> dict[str, Any]:
-    return {"n_routed_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
-            "moe_intermediate_size": moe.ffn_hidden_size, "moe_shared_expert_intermediate_size": moe.shared_width,
-            "moe_latent_size": None, "routed_scaling_factor": moe.routed_scaling_factor, "n_group": moe.num_groups,
-            "topk_group": moe.top_k_groups, "norm_topk_prob": moe.normalize_top_k}
+    return {**{theirs: getattr(moe, ours) for theirs, ours in _NEMOTRON_H_MOE_FIELDS.items()},
+            "moe_shared_expert_intermediate_size": moe.shared_width, "moe_latent_size": None}
 
 
 def _nemotron_h_unfit(m: ModelConfig) -> str | None:
