@@ -416,8 +416,8 @@ def test_cli_converts_both_ways_verifies_and_inspects(tmp_path, capsys):
     ("mamba2", {"time_step_limit": [0.01, 10.0]}, r"time_step_limit=\[0\.01, 10\.0\] is not supported"),
     ("mamba2", {"use_conv_bias": False}, r"use_conv_bias=False is not supported"),
     ("nemotron_h_moe", {"moe_latent_size": 32}, r"moe_latent_size=32 is not supported; megamix needs moe_latent_size=None"),
-    ("nemotron_h_moe", {"n_group": 3}, r"config.json: megamix cannot build the model it describes: "
-                                       r"model.moe.num_groups \(3\) must be positive and divide num_experts \(8\)"),
+    ("nemotron_h_moe", {"n_group": 3}, (r"config.json: megamix cannot build the model it describes: "
+                                        r"model.moe.num_groups \(3\) must be positive and divide num_experts \(8\)")),
     ("nemotron_h", {"mlp_hidden_act": "silu"}, r"mlp_hidden_act='silu' is not supported"),
     ("nemotron_h", {"hybrid_override_pattern": "M*"}, r"hybrid_override_pattern 'M\*' disagrees"),
 ], ids=["architecture", "llama-act", "llama-rope", "mixtral-window", "mamba2-dt-limit", "mamba2-conv-bias",

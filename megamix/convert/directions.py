@@ -47,7 +47,12 @@ from megamix.convert.architectures import (
 )
 from megamix.convert.hf import SafetensorsReader, read_hf_config, write_hf
 from megamix.convert.links import Link
-from megamix.convert.splice import SplicedTensors, SplicingWriter, row_pieces, without_crc32
+from megamix.convert.splice import (
+    SplicedTensors,
+    SplicingWriter,
+    row_pieces,
+    without_crc32,
+)
 from megamix.errors import CheckpointError, ConfigError
 from megamix.parallel.checkpointing import GlobalPieces
 from megamix.parallel.sharding import sharding_of
