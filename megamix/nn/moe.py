@@ -121,9 +121,8 @@ class MoE(nn.Module):
     global index (rank r of ``ep`` holds [r·E/ep, (r+1)·E/ep)), each a :class:`GatedMLP` of ``kind``
     whose ffn dim is split over TP (its input projection column-parallel, ``down_proj``
     row-parallel) and marked expert-parallel; ``shared_experts``, one GatedMLP of
-    ``shared_ffn_hidden_size`` (0: none) that every token uses. The
-    experts' own forwards (with their TP collectives) are not used: the layer gathers the tokens
-    once and reduces once.
+    ``shared_ffn_hidden_size`` (0: none) that every token uses. The experts' own forwards (with
+    their TP collectives) are not used: the layer gathers the tokens once and reduces once.
 
     Routing: see :func:`top_k_routing` (``score``, ``normalize_top_k``, ``num_groups``,
     ``top_k_groups``, ``routed_scaling_factor``). With
@@ -151,10 +150,9 @@ class MoE(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int, *,
                  score: str = "softmax", normalize_top_k: bool = True, aux_loss_coeff: float = 0.0,
                  aux_loss_type: str = "batch", z_loss_coeff: float = 0.0, bias_update_rate: float = 0.0,
-                 shared_ffn_hidden_size: int = 0,
-                 num_groups: int = 1, top_k_groups: int = 1, routed_scaling_factor: float = 1.0,
-                 capacity_factor: float | None = None, drop_policy: str = "probability", kind: str = "swiglu",
-                 name: str = "moe",
+                 shared_ffn_hidden_size: int = 0, num_groups: int = 1, top_k_groups: int = 1,
+                 routed_scaling_factor: float = 1.0, capacity_factor: float | None = None,
+                 drop_policy: str = "probability", kind: str = "swiglu", name: str = "moe",
                  tp: TensorParallel = NO_TENSOR_PARALLEL, ep: Group | None = None):
         super().__init__()
         for what, value, known in (("score", score, ("softmax", "sigmoid")),
