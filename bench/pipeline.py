@@ -1,7 +1,7 @@
 """Measured pipeline bubble against theory, for 1F1B and interleaved 1F1B. Prints one JSON object.
 
-Two pipeline ranks (one CPU thread each) train a dense model (16 layers, hidden 512) large
-enough that compute dominates communication, with enough layers that the measured-cost split
+Two pipeline ranks (one CPU thread each, each bound to its own core) train a dense model (16 layers,
+hidden 512) large enough that compute dominates communication, with enough layers that the measured-cost split
 can balance the stages (with 8 layers one layer is 25% of a stage). Each step, every rank
 measures the time its stages spend in forward and backward compute and the loss; the bubble is
 1 − busy / schedule time (first forward to last backward; the optimizer step is not part of
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 
@@ -27,8 +28,12 @@ CONFIG = "configs/tiny-dense.yaml"
 
 def measure(overrides: list[str], steps: int) -> list[float]:
     """pp_bubble of each step after the first (runs on every rank)."""
+    import torch.distributed as dist
+
     from megamix.train import Trainer
 
+    if hasattr(os, "sched_setaffinity"):  # one core per rank, as a launcher binds ranks: no rank waits for a core
+        os.sched_setaffinity(0, {dist.get_rank() % os.cpu_count()})
     trainer = Trainer(load_config(CONFIG, overrides))
     bubbles = []
     for _ in range(steps + 1):
