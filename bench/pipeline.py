@@ -1,8 +1,10 @@
 """Measured pipeline bubble against theory, for 1F1B and interleaved 1F1B. Prints one JSON object.
 
 Two pipeline ranks (one CPU thread each, each bound to its own core) train a dense model (16 layers,
-hidden 512) large enough that compute dominates communication, with enough layers that the measured-cost split
-can balance the stages (with 8 layers one layer is 25% of a stage). Each step, every rank
+hidden 768) large enough that compute dominates communication (the interleaved schedule sends each
+micro-batch across ranks three times as often as 1F1B; compute grows with hidden², traffic with
+hidden), with enough layers that the measured-cost split can balance the stages (with 8 layers one
+layer is 25% of a stage). Each step, every rank
 measures the time its stages spend in forward and backward compute and the loss; the bubble is
 1 − busy / schedule time (first forward to last backward; the optimizer step is not part of
 the pipeline), averaged over ranks (the ``pp_bubble`` metric). Theory, with p pipeline ranks,
@@ -51,8 +53,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as run_dir:
         for name, vpp in (("1f1b", 1), ("interleaved", 2)):
-            overrides = ["model.pattern=" + "*-" * 8, "model.hidden_size=512", "model.num_heads=8",
-                         "model.num_kv_heads=8", "model.ffn_hidden_size=1536", "data.seq_len=256",
+            overrides = ["model.pattern=" + "*-" * 8, "model.hidden_size=768", "model.num_heads=12",
+                         "model.num_kv_heads=12", "model.ffn_hidden_size=2048", "data.seq_len=256",
                          "train.micro_batch_size=1", f"train.global_batch_size={m}", f"parallel.pp={pp}",
                          f"parallel.vpp={vpp}", "train.resume=none", f"log.dir={run_dir}", "log.tensorboard=false"]
             measured = statistics.median(run_distributed(measure, pp, overrides, args.steps, timeout=600)[0])
