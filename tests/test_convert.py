@@ -362,13 +362,11 @@ def test_splicing_stream_writes_file_ranges_and_holes(tmp_path, monkeypatch, ker
     spliced = SplicedTensors()
     tensor = spliced.placeholder((3, 4), torch.uint8, [(source, 10, 5), (None, 0, 4), (source, 300, 3)])
     zeros = spliced.zeros((8,), torch.uint8)
-    with open(tmp_path / "out", "wb") as raw:
-        stream = SplicingStream(raw, spliced)
+    with SplicingStream(open(tmp_path / "out", "wb"), spliced) as stream:  # the stream closes the file
         stream.write(b"head")
         stream.write(tensor.numpy().data)
         stream.write(torch.arange(3, dtype=torch.uint8).numpy().data)  # not a placeholder: written as is
         stream.write(zeros.numpy().data)  # a trailing hole still counts in the file's size
-        stream.close()
     spliced.check_written()
     expected = b"head" + bytes(range(10, 15)) + bytes(4) + bytes(range(44, 47)) + bytes([0, 1, 2]) + bytes(8)
     assert (tmp_path / "out").read_bytes() == expected

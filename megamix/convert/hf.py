@@ -161,8 +161,7 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], tor
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
-    with open(path, "wb") as raw:
-        f = SplicingStream(raw, spliced)
+    with SplicingStream(open(path, "wb"), spliced) as f:  # the stream closes the file
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
         for (name, shape, dtype), tensor in zip(tensors, produce, strict=True):
@@ -171,7 +170,6 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], tor
                                       f"{list(shape)} {dtype}")
             if tensor.numel():
                 f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
-        f.close()
 
 
 def write_hf(directory: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype]],

@@ -25,6 +25,7 @@ import zipfile
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -135,6 +136,12 @@ class SplicingStream:
         self._sources.clear()
         self._file.close()
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class _SplicingFileSystem(FileSystem):
     def __init__(self, spliced: SplicedTensors):
@@ -147,11 +154,8 @@ class _SplicingFileSystem(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        stream = SplicingStream(open(path, "wb"), self._spliced)  # noqa: SIM115 (closed below)
-        try:
+        with SplicingStream(open(path, "wb"), self._spliced) as stream:  # the stream closes the file
             yield stream
-        finally:
-            stream.close()
 
 
 class SplicingWriter(FileSystemWriter):
