@@ -4,10 +4,10 @@ Two pipeline ranks (one CPU thread each, each bound to its own core) train a den
 hidden 768) large enough that compute dominates communication (the interleaved schedule sends each
 micro-batch across ranks three times as often as 1F1B; compute grows with hidden², traffic with
 hidden), with enough layers that the measured-cost split can balance the stages (with 8 layers one
-layer is 25% of a stage). Each step, every rank
-measures the time its stages spend in forward and backward compute and the loss; the bubble is
-1 − busy / schedule time (first forward to last backward; the optimizer step is not part of
-the pipeline), averaged over ranks (the ``pp_bubble`` metric). Theory, with p pipeline ranks,
+layer is 25% of a stage). Each step the ranks start the schedule together, and every rank measures
+the time its stages spend in forward and backward compute and the loss; the bubble is 1 − busy /
+schedule time (the longest rank's, from the common start to its last backward; the optimizer step is
+not part of the pipeline), averaged over ranks (the ``pp_bubble`` metric). Theory, with p pipeline ranks,
 v stages per rank and m micro-batches: the idle fraction (p − 1) / (v·m + p − 1), i.e.
 (p − 1) / (m + p − 1) for 1F1B (v = 1). Target: measured within 10% of theory.
 

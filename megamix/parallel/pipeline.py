@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megamix.errors import ConfigError
@@ -118,8 +119,8 @@ class PipelineSchedule:
     times the schedule (``elapsed``: from the first micro-batch's forward to the last one's
     backward, the optimizer step excluded) and sums the local stages' forward and backward time
     per micro-batch and the loss (``busy``, their sends and receives excluded), so :meth:`bubble`
-    = 1 − busy / elapsed, the idle fraction that theory puts at (p − 1) / (v·m + p − 1) for p
-    pipeline ranks, v stages per rank and m micro-batches.
+    = 1 − busy / (the longest rank's elapsed), the idle fraction that theory puts at
+    (p − 1) / (v·m + p − 1) for p pipeline ranks, v stages per rank and m micro-batches.
     """
 
     def __init__(self, modules: list[nn.Module], specs: list[StageSpec], parallel: ParallelState,
@@ -169,9 +170,12 @@ class PipelineSchedule:
         return forward_with_sequence
 
     def bubble(self) -> float:
-        """Idle fraction of the last step's schedule, 1 − busy / elapsed, averaged over the pipeline ranks."""
-        idle = torch.tensor(1.0 - self.busy / self.elapsed, dtype=torch.float64)
-        return all_reduce(idle, self.parallel.pp).item() / self.parallel.pp.size
+        """Idle fraction of the last step's schedule, averaged over the pipeline ranks: 1 − mean busy / span,
+        the span being the longest rank's ``elapsed`` (the ranks start together; the last stage finishes
+        before the first one's last backward, which its idle time must still count)."""
+        busy = all_reduce(torch.tensor(self.busy, dtype=torch.float64), self.parallel.pp)
+        span = all_reduce(torch.tensor(self.elapsed, dtype=torch.float64), self.parallel.pp, op=dist.ReduceOp.MAX)
+        return 1.0 - busy.item() / self.parallel.pp.size / span.item()
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor, sequences: list) -> float:
         """One step over this rank's micro-batches: ``inputs [rank_batch, seq]`` (read by the first stage),
@@ -179,6 +183,8 @@ class PipelineSchedule:
         :class:`~megamix.parallel.context_parallel.SequenceLayout` (by every stage)."""
         losses: list[torch.Tensor] = []
         self.sequences = sequences
+        if self.parallel.pp.size > 1:  # the ranks start the schedule together, so its span is the longest elapsed
+            dist.barrier(group=self.parallel.pp.group)
         self.busy, start = 0.0, time.perf_counter()
         if self.is_first:
             self.schedule.step(inputs, target=targets if self.is_last else None, losses=losses)
